@@ -1,0 +1,17 @@
+"""metajax: functional meta-learning in JAX.
+
+The inner loop (:func:`adapt`) and the meta-objective are pure functions over
+pytrees; algorithms (:class:`MAML`, ...) are thin layers over them; training
+steps are single ``jax.jit`` calls.
+"""
+
+from metajax import algorithms, core, data, models, training
+from metajax.algorithms import MAML, MultiTaskPretrain
+from metajax.core import (Adaptation, InnerLoop, Task, TaskBatch, TaskBatchError, accuracy, adapt,
+                          adapted_task_loss, cross_entropy, evaluate_adaptation, map_over_tasks,
+                          masked_mean, meta_batch_loss, mse, task_at, task_loss_and_metrics,
+                          validate_task_batch)
+from metajax.training import (TrainState, create_train_state, make_eval_step, make_train_loop,
+                              make_train_step, mean_and_ci95, meta_update)
+
+__version__ = "0.1.0"

@@ -1,0 +1,226 @@
+"""The one inner loop: adapt parameters to a task's support set.
+
+Every gradient-based algorithm in metajax (MAML, FOMAML, Meta-SGD, ANIL,
+MAML++, Reptile, the fine-tuning baselines, evaluation) calls :func:`adapt`.
+It is a ``lax.scan`` over inner steps, so it is differentiable end to end:
+``jax.grad`` of a query loss taken after :func:`adapt` is the second-order
+MAML meta-gradient, and ``first_order=True`` puts a ``stop_gradient`` on the
+inner gradients (FOMAML).
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from metajax import InnerLoop, adapt, mse
+  >>> from metajax.core.tasks import Task
+  >>> apply_fn = lambda w, x: x @ w
+  >>> x = jnp.ones((5, 2)); task = Task(x, x @ jnp.array([[1.], [2.]]), x, x @ jnp.array([[1.], [2.]]))
+  >>> out = adapt(jnp.zeros((2, 1)), task, apply_fn=apply_fn, loss_fn=mse,
+  ...             inner=InnerLoop(steps=3, learning_rate=0.1))
+  >>> out.support_loss.shape
+  (3,)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from metajax.core.losses import LossFn, masked_mean
+from metajax.core.tasks import Task
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, PyTree], PyTree]
+MetricFns = Mapping[str, Callable[[PyTree, PyTree], jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerLoop:
+    """Static settings of task adaptation (hashable, so it can be closed over by ``jit``).
+
+    Attributes:
+      steps: number of inner gradient steps ``S`` (0 means no adaptation).
+      learning_rate: step size ``alpha`` of the default inner optimizer ``optax.sgd``.
+      optimizer: any ``optax.GradientTransformation`` used instead of SGD. When learned
+        rates are passed to :func:`adapt`, they *multiply* this optimizer's updates, so
+        the optimizer should then have unit step size (the default becomes ``optax.sgd(1.0)``).
+      first_order: stop gradients through the inner gradients (FOMAML).
+      rates_per_step: learned rates carry a leading axis of length ``steps`` (one rate
+        pytree per step, as in MAML++'s LSLR).
+      remat: rematerialise each inner step (``jax.checkpoint``) so second-order memory
+        does not grow with the number of steps.
+    """
+
+    steps: int = 1
+    learning_rate: float = 0.01
+    optimizer: Optional[optax.GradientTransformation] = None
+    first_order: bool = False
+    rates_per_step: bool = False
+    remat: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"InnerLoop.steps must be a non-negative int, got {self.steps!r}.")
+        if self.optimizer is None and not self.learning_rate > 0:
+            raise ValueError(
+                f"InnerLoop.learning_rate must be > 0, got {self.learning_rate!r}; "
+                "use steps=0 for no adaptation.")
+
+    def with_overrides(self, steps: Optional[int] = None,
+                       learning_rate: Optional[float] = None) -> "InnerLoop":
+        """A copy with ``steps`` and/or ``learning_rate`` replaced (``None`` keeps the value)."""
+        changes = {k: v for k, v in (("steps", steps), ("learning_rate", learning_rate))
+                   if v is not None}
+        return dataclasses.replace(self, **changes)
+
+    def transformation(self, learned_rates: bool) -> optax.GradientTransformation:
+        if self.optimizer is not None:
+            return self.optimizer
+        return optax.sgd(1.0 if learned_rates else self.learning_rate)
+
+
+@struct.dataclass
+class Adaptation:
+    """What :func:`adapt` returns.
+
+    Attributes:
+      params: the adapted parameters after ``steps`` updates.
+      support_loss: ``(steps,)`` support loss *before* each update.
+      query_loss: ``(steps + 1,)`` query loss after 0..steps updates, or ``None`` when
+        the query set was not tracked.
+      query_metrics: dict of ``(steps + 1,)`` arrays for each metric, or ``None``.
+    """
+
+    params: PyTree
+    support_loss: jax.Array
+    query_loss: Optional[jax.Array] = None
+    query_metrics: Optional[dict] = None
+
+
+def task_loss_and_metrics(params: PyTree, inputs: PyTree, targets: PyTree,
+                          mask: Optional[jax.Array], *, apply_fn: ApplyFn, loss_fn: LossFn,
+                          metric_fns: Optional[MetricFns] = None) -> tuple[jax.Array, dict]:
+    """Masked mean loss (and metrics) of ``apply_fn(params, inputs)`` against ``targets``."""
+    predictions = apply_fn(params, inputs)
+    loss = masked_mean(loss_fn(predictions, targets), mask)
+    metrics = {name: masked_mean(fn(predictions, targets), mask)
+               for name, fn in (metric_fns or {}).items()}
+    return loss, metrics
+
+
+def _split_by_mask(tree: PyTree, adapt_mask: Optional[PyTree]):
+    """Splits leaves into (adapted, frozen) lists plus a function that merges them back."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if adapt_mask is None:
+        flags = [True] * len(leaves)
+    else:
+        flags = treedef.flatten_up_to(adapt_mask)
+        for f in flags:
+            if not isinstance(f, bool):
+                raise TypeError(
+                    "adapt_mask leaves must be Python bools (True = adapted in the inner loop); "
+                    f"got {type(f).__name__}. Build it with jax.tree_util.tree_map on the params.")
+    adapted = [leaf for leaf, f in zip(leaves, flags) if f]
+    frozen = [leaf for leaf, f in zip(leaves, flags) if not f]
+
+    def merge(adapted_leaves, frozen_leaves):
+        a, z = iter(adapted_leaves), iter(frozen_leaves)
+        return jax.tree_util.tree_unflatten(treedef, [next(a) if f else next(z) for f in flags])
+
+    return adapted, frozen, flags, merge
+
+
+def adapt(params: PyTree, task: Task, *, apply_fn: ApplyFn, loss_fn: LossFn,
+          inner: InnerLoop, rates: Optional[PyTree] = None,
+          adapt_mask: Optional[PyTree] = None, metric_fns: Optional[MetricFns] = None,
+          track_query: bool = False) -> Adaptation:
+    """Adapts ``params`` to ``task``'s support set with ``inner.steps`` optimizer steps.
+
+    Args:
+      params: initial parameters (a pytree).
+      task: one :class:`~metajax.core.tasks.Task` (no task axis; ``vmap`` adds it).
+      apply_fn: the model, ``apply_fn(params, inputs) -> predictions``.
+      loss_fn: per-example task loss ``loss_fn(predictions, targets)``.
+      inner: the static :class:`InnerLoop` settings.
+      rates: optional learned inner learning rates (meta-parameters): a pytree with the
+        structure of ``params`` whose leaves broadcast against the parameter leaves
+        (scalars give per-tensor rates, full shapes per-parameter rates), with a leading
+        ``steps`` axis when ``inner.rates_per_step``. They multiply the inner optimizer's updates.
+      adapt_mask: optional pytree of Python bools with the structure of ``params``; leaves
+        marked ``False`` are not adapted (and no inner gradient is computed for them).
+      metric_fns: per-example metrics recorded on the query set when ``track_query``.
+      track_query: also record the query loss/metrics after every step (needed for
+        multi-step losses and per-step evaluation).
+
+    Returns:
+      An :class:`Adaptation`.
+    """
+    learned = rates is not None
+    opt = inner.transformation(learned)
+    adapted, frozen, flags, merge = _split_by_mask(params, adapt_mask)
+    if learned:
+        rate_leaves = jax.tree_util.tree_structure(params).flatten_up_to(rates)
+        rate_leaves = [r for r, f in zip(rate_leaves, flags) if f]
+        if inner.rates_per_step:
+            for r in rate_leaves:
+                if jnp.ndim(r) == 0 or jnp.shape(r)[0] != inner.steps:
+                    raise ValueError(
+                        f"rates_per_step=True needs rate leaves with a leading axis of length "
+                        f"steps={inner.steps}; got shape {jnp.shape(r)}.")
+
+    def support_objective(adapted_leaves):
+        return task_loss_and_metrics(
+            merge(adapted_leaves, frozen), task.support_inputs, task.support_targets,
+            task.support_mask, apply_fn=apply_fn, loss_fn=loss_fn)[0]
+
+    def query_eval(adapted_leaves):
+        return task_loss_and_metrics(
+            merge(adapted_leaves, frozen), task.query_inputs, task.query_targets,
+            task.query_mask, apply_fn=apply_fn, loss_fn=loss_fn, metric_fns=metric_fns)
+
+    def step(carry, step_rates):
+        leaves, opt_state = carry
+        loss, grads = jax.value_and_grad(support_objective)(leaves)
+        if inner.first_order:
+            grads = jax.lax.stop_gradient(grads)
+        updates, opt_state = opt.update(grads, opt_state, leaves)
+        if learned:
+            updates = [u * r for u, r in zip(updates, step_rates)]
+        leaves = optax.apply_updates(leaves, updates)
+        outputs = {"support_loss": loss}
+        if track_query:
+            outputs["query"] = query_eval(carry[0])
+        return (leaves, opt_state), outputs
+
+    if inner.remat:
+        step = jax.checkpoint(step)
+
+    if inner.steps == 0:
+        final = adapted
+        traj = {"support_loss": jnp.zeros((0,))}
+        if track_query:
+            traj["query"] = jax.tree_util.tree_map(lambda x: x[None][:0], query_eval(adapted))
+    else:
+        if not learned:
+            xs = None
+        elif inner.rates_per_step:
+            xs = rate_leaves
+        else:
+            xs = None
+        body = step if (not learned or inner.rates_per_step) else (
+            lambda carry, _: step(carry, rate_leaves))
+        (final, _), traj = jax.lax.scan(body, (adapted, opt.init(adapted)), xs,
+                                        length=inner.steps)
+
+    query_loss = query_metrics = None
+    if track_query:
+        last_loss, last_metrics = query_eval(final)
+        hist_loss, hist_metrics = traj["query"]
+        query_loss = jnp.concatenate([hist_loss, last_loss[None]])
+        query_metrics = {k: jnp.concatenate([hist_metrics[k], last_metrics[k][None]])
+                         for k in last_metrics}
+    return Adaptation(params=merge(final, frozen), support_loss=traj["support_loss"],
+                      query_loss=query_loss, query_metrics=query_metrics)

@@ -1,0 +1,5 @@
+"""Train state and jit-compiled meta-training / evaluation steps."""
+
+from metajax.training.steps import (make_eval_step, make_train_loop, make_train_step,
+                                    mean_and_ci95, meta_update)
+from metajax.training.train_state import TrainState, create_train_state
