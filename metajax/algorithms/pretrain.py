@@ -61,8 +61,13 @@ class MultiTaskPretrain:
 
     def evaluate(self, meta_params: dict, batch: TaskBatch, *, steps: Optional[int] = None,
                  learning_rate: Optional[float] = None) -> dict:
-        """Per-task query loss/metrics after 0..steps fine-tuning steps."""
+        """Per-task query loss/metrics after 0..steps fine-tuning steps.
+
+        ``meta_params["inner_rates"]``, if present, sets the fine-tuning step sizes as data
+        (so a sweep over step sizes compiles once).
+        """
         inner = self.inner.with_overrides(steps=steps, learning_rate=learning_rate)
         return evaluate_adaptation(meta_params["model"], batch, apply_fn=self.apply_fn,
                                    loss_fn=self.loss_fn, inner=inner,
+                                   rates=meta_params.get("inner_rates"),
                                    metric_fns=self.metric_fns, task_map=self.task_map)

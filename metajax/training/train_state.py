@@ -31,7 +31,7 @@ class TrainState:
 
 def create_train_state(params: PyTree, optimizer: optax.GradientTransformation,
                        rng: jax.Array) -> TrainState:
-    """A fresh :class:`TrainState` at step 0.
+    """A fresh :class:`TrainState` at step 0 (holding its own copy of ``params``).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -40,5 +40,7 @@ def create_train_state(params: PyTree, optimizer: optax.GradientTransformation,
       >>> int(state.step)
       0
     """
+    # Own copies: train steps donate the state's buffers, and the caller may reuse ``params``.
+    params = jax.tree_util.tree_map(jnp.array, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params), rng=rng)
