@@ -3,3 +3,5 @@
 from metajax.training.steps import (make_eval_step, make_train_loop, make_train_step,
                                     mean_and_ci95, meta_update)
 from metajax.training.train_state import TrainState, create_train_state
+from metajax.training.checkpoint import Checkpointer, CheckpointWarning, Restored
+from metajax.training.guards import NonFiniteError, skip_nonfinite, skipped_updates
