@@ -1,4 +1,9 @@
 """Meta-learning algorithms, each a thin layer over :mod:`metajax.core`."""
 
-from metajax.algorithms.maml import MAML
+from metajax.algorithms.anil import ANIL
+from metajax.algorithms.imaml import IMAML
+from metajax.algorithms.maml import MAML, init_inner_rates
+from metajax.algorithms.maml_plus_plus import MAMLPlusPlus, cosine_adam, multi_step_loss_weights
+from metajax.algorithms.meta_sgd import MetaSGD
 from metajax.algorithms.pretrain import MultiTaskPretrain
+from metajax.algorithms.reptile import Reptile

@@ -22,6 +22,7 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 
 from metajax.core.inner_loop import ApplyFn, Adaptation, InnerLoop, adapt
 from metajax.core.losses import LossFn
@@ -30,6 +31,21 @@ from metajax.core.task_map import TaskMap
 from metajax.core.tasks import Task, TaskBatch
 
 PyTree = Any
+RATE_KINDS = (None, "per_parameter", "per_tensor", "per_tensor_per_step")
+
+
+def init_inner_rates(params: PyTree, kind: str, learning_rate: float, steps: int) -> PyTree:
+    """Learned inner learning rates, all equal to ``learning_rate`` at initialisation.
+
+    ``"per_parameter"``: one rate per parameter entry (Meta-SGD); ``"per_tensor"``: one per
+    leaf; ``"per_tensor_per_step"``: one per leaf and inner step (MAML++ LSLR).
+    """
+    shapes = {
+        "per_parameter": lambda p: p.shape,
+        "per_tensor": lambda p: (),
+        "per_tensor_per_step": lambda p: (steps,),
+    }[kind]
+    return jax.tree_util.tree_map(lambda p: jnp.full(shapes(p), learning_rate, p.dtype), params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +60,10 @@ class MAML:
       task_map: how tasks are batched: ``"vmap"``, ``"map"`` or an int chunk size.
       adapt_mask: optional pytree of bools over the model params; ``False`` leaves are
         not adapted in the inner loop (ANIL adapts only the head).
+      learn_inner_rates: ``None`` (fixed step size ``inner.learning_rate``), or learned inner
+        rates initialised at ``inner.learning_rate`` and meta-learned with the model:
+        ``"per_parameter"`` (Meta-SGD), ``"per_tensor"``, or ``"per_tensor_per_step"``
+        (MAML++'s per-layer per-step rates).
     """
 
     apply_fn: ApplyFn
@@ -52,10 +72,22 @@ class MAML:
     metric_fns: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     task_map: TaskMap = "vmap"
     adapt_mask: Optional[PyTree] = None
+    learn_inner_rates: Optional[str] = None
+
+    def __post_init__(self):
+        if self.learn_inner_rates not in RATE_KINDS:
+            raise ValueError(f"learn_inner_rates must be one of {RATE_KINDS}, "
+                             f"got {self.learn_inner_rates!r}.")
+        if self.learn_inner_rates == "per_tensor_per_step" and not self.inner.rates_per_step:
+            object.__setattr__(self, "inner", dataclasses.replace(self.inner, rates_per_step=True))
 
     def init(self, params: PyTree) -> dict:
-        """Meta-parameters from initial model parameters."""
-        return {"model": params}
+        """Meta-parameters from initial model parameters (plus learned inner rates, if any)."""
+        meta_params = {"model": params}
+        if self.learn_inner_rates is not None:
+            meta_params["inner_rates"] = init_inner_rates(
+                params, self.learn_inner_rates, self.inner.learning_rate, self.inner.steps)
+        return meta_params
 
     def _kwargs(self) -> dict:
         return dict(apply_fn=self.apply_fn, loss_fn=self.loss_fn, inner=self.inner,

@@ -136,7 +136,8 @@ def _split_by_mask(tree: PyTree, adapt_mask: Optional[PyTree]):
 def adapt(params: PyTree, task: Task, *, apply_fn: ApplyFn, loss_fn: LossFn,
           inner: InnerLoop, rates: Optional[PyTree] = None,
           adapt_mask: Optional[PyTree] = None, metric_fns: Optional[MetricFns] = None,
-          track_query: bool = False) -> Adaptation:
+          track_query: bool = False,
+          regularizer: Optional[Callable[[PyTree], jax.Array]] = None) -> Adaptation:
     """Adapts ``params`` to ``task``'s support set with ``inner.steps`` optimizer steps.
 
     Args:
@@ -154,6 +155,8 @@ def adapt(params: PyTree, task: Task, *, apply_fn: ApplyFn, loss_fn: LossFn,
       metric_fns: per-example metrics recorded on the query set when ``track_query``.
       track_query: also record the query loss/metrics after every step (needed for
         multi-step losses and per-step evaluation).
+      regularizer: optional ``regularizer(adapted_params) -> scalar`` added to the support
+        loss the inner loop minimises (iMAML's proximal term ``lambda/2 ||phi - theta||^2``).
 
     Returns:
       An :class:`Adaptation`.
@@ -172,9 +175,10 @@ def adapt(params: PyTree, task: Task, *, apply_fn: ApplyFn, loss_fn: LossFn,
                         f"steps={inner.steps}; got shape {jnp.shape(r)}.")
 
     def support_objective(adapted_leaves):
-        return task_loss_and_metrics(
-            merge(adapted_leaves, frozen), task.support_inputs, task.support_targets,
-            task.support_mask, apply_fn=apply_fn, loss_fn=loss_fn)[0]
+        full = merge(adapted_leaves, frozen)
+        loss = task_loss_and_metrics(full, task.support_inputs, task.support_targets,
+                                     task.support_mask, apply_fn=apply_fn, loss_fn=loss_fn)[0]
+        return loss if regularizer is None else loss + regularizer(full)
 
     def query_eval(adapted_leaves):
         return task_loss_and_metrics(

@@ -20,6 +20,7 @@ notebook can call them in a loop:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -34,12 +35,25 @@ MetaLoss = Callable[[PyTree, TaskBatch, jax.Array], tuple[jax.Array, dict]]
 TaskSampler = Callable[[jax.Array], TaskBatch]
 
 
+def takes_step(meta_loss: Callable) -> bool:
+    """Whether ``meta_loss`` accepts a ``step`` keyword (schedules such as MAML++'s annealing)."""
+    try:
+        return "step" in inspect.signature(meta_loss).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def meta_update(state: TrainState, batch: TaskBatch, *, meta_loss: MetaLoss,
                 optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One outer update (not jitted): meta-gradient of ``meta_loss`` and an optimizer step."""
+    """One outer update (not jitted): meta-gradient of ``meta_loss`` and an optimizer step.
+
+    A meta-loss that accepts a ``step`` keyword receives ``state.step`` (a traced int), so
+    step-dependent schedules run inside one compiled program.
+    """
     rng, loss_rng = jax.random.split(state.rng)
+    extra = {"step": state.step} if takes_step(meta_loss) else {}
     (loss, metrics), grads = jax.value_and_grad(meta_loss, has_aux=True)(
-        state.params, batch, loss_rng)
+        state.params, batch, loss_rng, **extra)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
