@@ -2,3 +2,12 @@
 
 from metajax.data.sinusoid import (SinusoidParams, sample_sinusoid_params, sample_sinusoid_tasks,
                                    sinusoid_tasks_from_params)
+from metajax.data.class_dataset import ClassDataset
+from metajax.data.episodes import (EpisodeIndices, EpisodeSampler, EpisodeSpec, class_prototypes,
+                                   class_splitter, gather_episodes, sample_episode_indices,
+                                   sample_episodes, sample_without_replacement)
+from metajax.data.errors import (CacheError, CorruptDatasetError, DatasetNotFoundError,
+                                 EpisodeConfigError, UnknownSplitError)
+from metajax.data.omniglot import load_omniglot, omniglot_split
+from metajax.data.splits import (CIFAR_FS_CLASSES, FC100_SUPERCLASSES, cifar_fs_classes,
+                                 fc100_classes, omniglot_split_indices)

@@ -1,0 +1,396 @@
+"""On-device N-way K-shot episode sampling from class-indexed uint8 arrays.
+
+The images of a :class:`~metajax.data.class_dataset.ClassDataset` ``(C, E, H, W, Ch)``
+uint8 and their per-class ``counts`` are put on the device once. One
+jit-compiled function ``key -> TaskBatch`` then samples a meta-batch of ``T``
+tasks; for each task it
+
+1. draws ``n_way`` distinct classes uniformly (without replacement);
+2. draws ``k_shot + n_query`` distinct examples of each class uniformly among
+   that class's ``counts[c]`` real examples (padding slots are never drawn);
+   the first ``k_shot`` go to the support set, the rest to the query set, so
+   support and query never share an example;
+3. relabels the chosen classes ``0..n_way-1`` in the (random) order drawn;
+4. rotates rotation-augmented classes on the fly (class ``c*4 + r`` of a dataset
+   with ``num_rotations=4`` is base class ``c`` turned by ``r*90`` degrees,
+   ``np.rot90`` direction);
+5. normalises to float32 in ``[0, 1]`` (``x / 255``), then optionally
+   ``(x - mean) / std`` per channel.
+
+Everything is a pure function of the key: the same key gives the same batch.
+Inputs come out NHWC, ``(T, n_way * k_shot, H, W, Ch)`` float32, ordered class
+by class (all shots of label 0, then label 1, ...); targets are int32.
+
+**Imbalanced tasks.** With ``min_shot`` (and/or ``min_query``) each class of
+each task gets its own shot count, uniform in ``[min_shot, k_shot]``. Arrays
+keep the fixed ``k_shot`` slots per class; ``support_mask`` / ``query_mask``
+``(T, N)`` float32 mark the real examples (1) and the unused slots (0), whose
+inputs are zeroed. The core's masked losses and accuracies and
+:func:`class_prototypes` honour the masks. Balanced batches have no masks
+(``None``).
+
+Example:
+  >>> import jax, numpy as np
+  >>> from metajax.data import ClassDataset, EpisodeSampler
+  >>> ds = ClassDataset(np.zeros((10, 20, 28, 28, 1), np.uint8), np.full(10, 20), [str(i) for i in range(10)])
+  >>> sampler = EpisodeSampler(ds, n_way=5, k_shot=1, n_query=15, meta_batch_size=32)
+  >>> batch = sampler(jax.random.key(0))
+  >>> batch.support_inputs.shape, batch.query_targets.shape
+  ((32, 5, 28, 28, 1), (32, 75))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from metajax.core.tasks import TaskBatch
+from metajax.data.class_dataset import ClassDataset
+from metajax.data.errors import EpisodeConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeSpec:
+    """The shape of a meta-batch: ``meta_batch_size`` tasks of ``n_way`` classes.
+
+    ``k_shot`` / ``n_query`` are the support / query examples per class (the
+    maxima when ``min_shot`` / ``min_query`` make tasks imbalanced).
+    """
+
+    n_way: int
+    k_shot: int
+    n_query: int
+    meta_batch_size: int = 32
+    min_shot: Optional[int] = None
+    min_query: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("n_way", "k_shot", "n_query", "meta_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise EpisodeConfigError(f"{name} must be a positive int, got {value!r}.")
+        for name, top in (("min_shot", "k_shot"), ("min_query", "n_query")):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, np.integer))
+                                      or not 1 <= value <= getattr(self, top)):
+                raise EpisodeConfigError(f"{name} must be an int in [1, {top}="
+                                         f"{getattr(self, top)}], got {value!r}.")
+
+    @property
+    def examples_per_class(self) -> int:
+        return self.k_shot + self.n_query
+
+    @property
+    def imbalanced(self) -> bool:
+        return ((self.min_shot is not None and self.min_shot < self.k_shot) or
+                (self.min_query is not None and self.min_query < self.n_query))
+
+
+@struct.dataclass
+class EpisodeIndices:
+    """What a meta-batch is made of (all int32).
+
+    ``classes (T, N)``: class ids (rotation-augmented ids when ``num_rotations > 1``);
+    ``examples (T, N, K + Q)``: example slots, first ``K`` support then ``Q`` query;
+    ``support_shots`` / ``query_shots`` ``(T, N)``: real examples per class.
+    """
+
+    classes: jax.Array
+    examples: jax.Array
+    support_shots: jax.Array
+    query_shots: jax.Array
+
+
+def check_episode_spec(spec: EpisodeSpec, dataset: ClassDataset) -> None:
+    """Raises :class:`EpisodeConfigError` if ``dataset`` cannot supply ``spec``'s tasks."""
+    if spec.n_way > dataset.num_classes:
+        raise EpisodeConfigError(
+            f"n_way={spec.n_way} but the dataset has only {dataset.num_classes} classes; lower "
+            "n_way or use a split with more classes (e.g. rotations=True for Omniglot).")
+    need = spec.examples_per_class
+    short = np.flatnonzero(dataset.counts < need)
+    if short.size:
+        names = [dataset.class_names[i] for i in short[:3]]
+        raise EpisodeConfigError(
+            f"k_shot + n_query = {spec.k_shot} + {spec.n_query} = {need} examples per class, but "
+            f"{short.size} classes have fewer (e.g. {names} with "
+            f"{dataset.counts[short[:3]].tolist()}); lower k_shot/n_query, or keep only classes "
+            f"with enough examples: dataset.drop_small_classes({need}).")
+
+
+def sample_episode_indices(key: jax.Array, counts: jax.Array, spec: EpisodeSpec,
+                           max_examples: int, num_rotations: int = 1) -> EpisodeIndices:
+    """Draws classes, examples and shot counts of a meta-batch (jittable; ints static).
+
+    ``counts (C,)`` are the real examples per base class, ``max_examples`` the
+    padded example axis ``E``; the sampler draws among ``C * num_rotations`` classes.
+    """
+    t, n, kq = spec.meta_batch_size, spec.n_way, spec.examples_per_class
+    num_classes = counts.shape[0] * num_rotations
+    cls_shapes = _swr_uniform_shapes((t,), n, num_classes)
+    ex_shapes = _swr_uniform_shapes((t, n), kq, max_examples)
+    u = _uniforms(key, cls_shapes + ex_shapes + [(t, n), (t, n)])
+    u_cls, u_ex = u[:len(cls_shapes)], u[len(cls_shapes):-2]
+    classes = _swr(u_cls, jnp.full((t,), num_classes, jnp.int32), n, num_classes)
+    examples = _swr(u_ex, counts[classes // num_rotations], kq, max_examples)
+    return EpisodeIndices(
+        classes=classes, examples=examples,
+        support_shots=_shots(u[-2], spec.min_shot, spec.k_shot),
+        query_shots=_shots(u[-1], spec.min_query, spec.n_query))
+
+
+def _uniforms(key: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list[jax.Array]:
+    """Uniform [0, 1) float32 arrays of the given shapes from one flat draw of random bits.
+
+    One 1-D draw keeps compile time low: with JAX's default partitionable
+    threefry, every multi-dimensional draw costs seconds of XLA compile on CPU.
+    """
+    sizes = [int(np.prod(s)) for s in shapes]
+    bits = jax.random.bits(key, (sum(sizes),), jnp.uint32)
+    # 23 random mantissa bits -> a float in [1, 2) -> [0, 1).
+    flat = jax.lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32) - 1.0
+    offsets = np.cumsum([0] + sizes)
+    return [flat[lo:hi].reshape(shape) for lo, hi, shape in zip(offsets[:-1], offsets[1:], shapes)]
+
+
+_RANK_MAX_POPULATION = 64
+
+
+def _ranks(u: jax.Array) -> jax.Array:
+    """Rank of each entry along the last axis (ties broken by position)."""
+    pos = jnp.arange(u.shape[-1])
+    less = u[..., None, :] < u[..., :, None]
+    tie = (u[..., None, :] == u[..., :, None]) & (pos[None, :] < pos[:, None])
+    return jnp.sum(less | tie, axis=-1)
+
+
+def _take_by_rank(values: jax.Array, ranks: jax.Array, m: int) -> jax.Array:
+    """``out[..., r] = values[..., i]`` where ``ranks[..., i] == r``, for ``r < m``."""
+    onehot = ranks[..., None, :] == jnp.arange(m)[:, None]
+    return jnp.sum(jnp.where(onehot, values[..., None, :], 0), axis=-1).astype(jnp.int32)
+
+
+def _swr_uniform_shapes(batch_shape: tuple[int, ...], m: int, max_size: int) -> list:
+    if max_size <= _RANK_MAX_POPULATION:
+        return [batch_shape + (max_size,)]
+    return [(m,) + batch_shape, batch_shape + (m,)]
+
+
+def _swr(u: Sequence[jax.Array], sizes: jax.Array, m: int, max_size: int) -> jax.Array:
+    """:func:`sample_without_replacement` from pre-drawn uniforms (see ``_swr_uniform_shapes``)."""
+    sizes = sizes.astype(jnp.int32)
+    if max_size <= _RANK_MAX_POPULATION:
+        # Rank max_size uniforms; slots past the size score 2, so they rank last.
+        scores = jnp.where(jnp.arange(max_size) < sizes[..., None], u[0], 2.0)
+        return _take_by_rank(jnp.arange(max_size, dtype=jnp.int32), _ranks(scores), m)
+    u_pick, u_order = u
+    chosen = jnp.full(sizes.shape + (m,), -1, jnp.int32)
+    for s in range(m):  # Floyd: the s-th step picks from [0, sizes - m + s]
+        top = sizes - m + s
+        pick = jnp.minimum(jnp.floor(u_pick[s] * (top + 1)).astype(jnp.int32), top)
+        seen = jnp.any(chosen == pick[..., None], axis=-1)
+        chosen = chosen.at[..., s].set(jnp.where(seen, top, pick))
+    return _take_by_rank(chosen, _ranks(u_order), m)  # Floyd's order is not uniform: shuffle
+
+
+def sample_without_replacement(key: jax.Array, sizes: jax.Array, m: int,
+                               max_size: int) -> jax.Array:
+    """``m`` distinct ints in ``[0, sizes[i])`` per entry of ``sizes``, uniformly and in random order.
+
+    Returns ``sizes.shape + (m,)`` int32; needs ``m <= sizes <= max_size``. Small
+    populations (``max_size <= 64``) rank ``max_size`` uniforms; larger ones use
+    Floyd's algorithm (O(m^2) work, independent of the population) plus a shuffle.
+    Both avoid sorting, which is slow on CPU.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = sample_without_replacement(jax.random.key(0), jnp.array([10, 10]), 3, 10)
+      >>> x.shape, bool((x[0, 0] != x[0, 1]) & (x[0, 1] != x[0, 2]) & (x[0, 0] != x[0, 2]))
+      ((2, 3), True)
+    """
+    sizes = jnp.asarray(sizes)
+    return _swr(_uniforms(key, _swr_uniform_shapes(sizes.shape, m, max_size)), sizes, m, max_size)
+
+
+def _shots(u: jax.Array, low: Optional[int], high: int) -> jax.Array:
+    """Per-class counts, uniform in ``[low, high]`` (all ``high`` when ``low`` is None)."""
+    if low is None or low == high:
+        return jnp.full(u.shape, high, jnp.int32)
+    return jnp.minimum(low + jnp.floor(u * (high - low + 1)).astype(jnp.int32), high)
+
+
+def _rotate(x: jax.Array, quarter_turns: jax.Array) -> jax.Array:
+    """Rotates each image of ``x (M, H, W, Ch)`` by ``quarter_turns (M,)`` (``np.rot90`` sense).
+
+    A select among the four rotations: XLA fuses it into the float conversion as
+    index arithmetic, which measured faster on CPU than a pixel gather and about
+    as fast as storing the rotated copies (without the 4x memory).
+    """
+    r = quarter_turns[:, None, None, None]
+    rot = lambda k: jnp.rot90(x, k, axes=(1, 2))
+    return jnp.where(r == 0, x, jnp.where(r == 1, rot(1), jnp.where(r == 2, rot(2), rot(3))))
+
+
+def _normalize(x: jax.Array, mean: Optional[tuple], std: Optional[tuple]) -> jax.Array:
+    x = x.astype(jnp.float32) * (1.0 / 255.0)
+    if mean is not None:
+        x = x - jnp.asarray(mean, jnp.float32)
+    if std is not None:
+        x = x * jnp.asarray(1.0 / np.asarray(std, np.float32))
+    return x
+
+
+def _gather_part(images: jax.Array, indices: EpisodeIndices, lo: int, hi: int,
+                 shots: jax.Array, masked: bool, num_rotations: int, mean, std):
+    """Inputs ``(T, N*(hi-lo), H, W, Ch)`` float32 of example slots ``lo:hi``, and the mask."""
+    t, n = indices.classes.shape
+    m = hi - lo
+    num_examples = images.shape[1]
+    base = indices.classes // num_rotations
+    rows = (base[..., None] * num_examples + indices.examples[..., lo:hi]).reshape(-1)
+    # A row gather from (C*E, H, W, Ch) is much faster on CPU than a two-index gather;
+    # without the bounds checks (indices are in range by construction) XLA fuses it
+    # cheaply into the rotation select and the float conversion.
+    flat = images.reshape((-1,) + images.shape[2:])
+    x = flat.at[rows].get(mode="promise_in_bounds", unique_indices=True)
+    if num_rotations > 1:
+        turns = jnp.broadcast_to((indices.classes % num_rotations)[..., None], (t, n, m))
+        x = _rotate(x, turns.reshape(-1))
+    x = _normalize(x, mean, std).reshape((t, n * m) + images.shape[2:])
+    if not masked:
+        return x, None
+    mask = (jnp.arange(m) < shots[..., None]).astype(jnp.float32).reshape(t, n * m)
+    return x * mask.reshape(mask.shape + (1,) * (x.ndim - 2)), mask
+
+
+def gather_episodes(images: jax.Array, indices: EpisodeIndices, spec: EpisodeSpec,
+                    num_rotations: int = 1, mean: Optional[tuple] = None,
+                    std: Optional[tuple] = None) -> TaskBatch:
+    """Builds the :class:`~metajax.TaskBatch` of ``indices`` from ``images (C, E, H, W, Ch)`` uint8.
+
+    Masked (unused) slots of imbalanced tasks have zero inputs.
+    """
+    t, n, k, q = spec.meta_batch_size, spec.n_way, spec.k_shot, spec.n_query
+    masked = spec.imbalanced
+    s_x, s_mask = _gather_part(images, indices, 0, k, indices.support_shots, masked,
+                               num_rotations, mean, std)
+    q_x, q_mask = _gather_part(images, indices, k, k + q, indices.query_shots, masked,
+                               num_rotations, mean, std)
+    labels = jnp.arange(n, dtype=jnp.int32)[None, :, None]
+    return TaskBatch(
+        support_inputs=s_x, support_targets=jnp.broadcast_to(labels, (t, n, k)).reshape(t, n * k),
+        query_inputs=q_x, query_targets=jnp.broadcast_to(labels, (t, n, q)).reshape(t, n * q),
+        support_mask=s_mask, query_mask=q_mask)
+
+
+def sample_episodes(key: jax.Array, images: jax.Array, counts: jax.Array, spec: EpisodeSpec,
+                    num_rotations: int = 1, mean: Optional[np.ndarray] = None,
+                    std: Optional[np.ndarray] = None) -> TaskBatch:
+    """One meta-batch of tasks: :func:`sample_episode_indices` then :func:`gather_episodes`.
+
+    Pure and jittable with ``spec``, ``num_rotations``, ``mean``, ``std`` static;
+    :class:`EpisodeSampler` wraps it with the checks and the jit.
+    """
+    indices = sample_episode_indices(key, counts, spec, images.shape[1], num_rotations)
+    return gather_episodes(images, indices, spec, num_rotations, mean, std)
+
+
+def _channel_stats(value, channels: int, name: str) -> Optional[tuple[float, ...]]:
+    if value is None:
+        return None
+    arr = np.broadcast_to(np.asarray(value, np.float32).reshape(-1), (channels,))
+    if name == "std" and np.any(arr <= 0):
+        raise ValueError(f"std must be positive, got {value!r}.")
+    return tuple(float(v) for v in arr)
+
+
+class EpisodeSampler:
+    """Samples meta-batches of N-way K-shot Q-query tasks on device: ``sampler(key) -> TaskBatch``.
+
+    Args:
+      dataset: the classes to sample from (``num_rotations=4`` adds rotated classes).
+      n_way, k_shot, n_query, meta_batch_size: the task shape.
+      min_shot, min_query: for imbalanced tasks, the smallest per-class support /
+        query count (each class gets a uniform count in ``[min, max]``, with masks).
+      mean, std: optional per-channel normalisation applied after scaling to [0, 1].
+      device: where the arrays live (default: JAX's default device).
+
+    Raises:
+      EpisodeConfigError: ``n_way`` exceeds the classes, or ``k_shot + n_query``
+        exceeds the examples of some class.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> ds = ClassDataset(np.zeros((8, 10, 4, 4, 3), np.uint8), np.full(8, 10), list("abcdefgh"))
+      >>> sampler = EpisodeSampler(ds, n_way=3, k_shot=2, n_query=4, meta_batch_size=2, min_shot=1)
+      >>> batch = sampler(jax.random.key(1))
+      >>> batch.support_inputs.shape, batch.support_mask.shape
+      ((2, 6, 4, 4, 3), (2, 6))
+    """
+
+    def __init__(self, dataset: ClassDataset, n_way: int, k_shot: int, n_query: int,
+                 meta_batch_size: int = 32, *, min_shot: Optional[int] = None,
+                 min_query: Optional[int] = None,
+                 mean: Union[None, float, Sequence[float]] = None,
+                 std: Union[None, float, Sequence[float]] = None,
+                 device: Optional[jax.Device] = None):
+        self.spec = EpisodeSpec(n_way, k_shot, n_query, meta_batch_size, min_shot, min_query)
+        check_episode_spec(self.spec, dataset)
+        self.dataset = dataset
+        self.num_rotations = dataset.num_rotations
+        channels = dataset.image_shape[-1]
+        self.mean = _channel_stats(mean, channels, "mean")
+        self.std = _channel_stats(std, channels, "std")
+        self.images = jax.device_put(dataset.images, device)
+        self.counts = jax.device_put(dataset.counts, device)
+        self._sample = jax.jit(sample_episodes, static_argnums=(3, 4, 5, 6))
+        self._indices = jax.jit(sample_episode_indices, static_argnums=(2, 3, 4))
+
+    def __call__(self, key: jax.Array) -> TaskBatch:
+        """A meta-batch of tasks, determined by ``key``."""
+        return self._sample(key, self.images, self.counts, self.spec, self.num_rotations,
+                            self.mean, self.std)
+
+    def indices(self, key: jax.Array) -> EpisodeIndices:
+        """The classes and examples that ``self(key)`` uses (for inspection and tests)."""
+        return self._indices(key, self.counts, self.spec, self.dataset.max_examples,
+                             self.num_rotations)
+
+
+def class_splitter(dataset: ClassDataset, n_way: int, num_train_per_class: int,
+                   num_test_per_class: int, meta_batch_size: int = 32, **kwargs) -> EpisodeSampler:
+    """torchmeta's ``ClassSplitter`` as a sampler: per class, ``num_train_per_class``
+    support ("train") and ``num_test_per_class`` query ("test") examples, disjoint.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> ds = ClassDataset(np.zeros((6, 9, 2, 2, 1), np.uint8), np.full(6, 9), list("abcdef"))
+      >>> class_splitter(ds, 5, 2, 3, meta_batch_size=4)(jax.random.key(0)).num_query
+      15
+    """
+    return EpisodeSampler(dataset, n_way, num_train_per_class, num_test_per_class,
+                          meta_batch_size, **kwargs)
+
+
+def class_prototypes(embeddings: jax.Array, labels: jax.Array, num_classes: int,
+                     mask: Optional[jax.Array] = None) -> jax.Array:
+    """Per-class mean of ``embeddings (N, D)`` over the examples ``mask (N,)`` keeps.
+
+    Classes with no kept example get a zero prototype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> class_prototypes(jnp.array([[1.], [3.], [5.]]), jnp.array([0, 0, 1]), 2,
+      ...                  mask=jnp.array([1., 0., 1.])).tolist()
+      [[1.0], [5.0]]
+    """
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=embeddings.dtype)
+    if mask is not None:
+        onehot = onehot * mask.astype(embeddings.dtype)[:, None]
+    total = onehot.T @ embeddings
+    return total / jnp.maximum(onehot.sum(axis=0), 1.0)[:, None]

@@ -1,0 +1,31 @@
+"""Shared test fixtures."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_root() -> Path:
+    """``$METAJAX_DATA`` if set, else ``<repo>/../shared/data``."""
+    return Path(os.environ.get("METAJAX_DATA") or REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def omniglot_root() -> Path:
+    """The data root holding ``omniglot/``; skips when the shared data is absent."""
+    root = shared_data_root()
+    if not (root / "omniglot" / "images_background.zip").is_file():
+        pytest.skip(f"Omniglot zips not found under {root}/omniglot (set METAJAX_DATA to a data "
+                    "root holding omniglot/images_background.zip and images_evaluation.zip)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def omniglot_full(omniglot_root, tmp_path_factory):
+    """Full Omniglot at 28x28, decoded once per test session into a temporary cache."""
+    from metajax.data.omniglot import load_omniglot
+
+    return load_omniglot(omniglot_root, cache_dir=tmp_path_factory.mktemp("omniglot-cache"))
