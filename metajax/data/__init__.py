@@ -8,6 +8,7 @@ from metajax.data.episodes import (EpisodeIndices, EpisodeSampler, EpisodeSpec, 
                                    sample_episodes, sample_without_replacement)
 from metajax.data.errors import (CacheError, CorruptDatasetError, DatasetNotFoundError,
                                  EpisodeConfigError, UnknownSplitError)
+from metajax.data.miniimagenet import load_miniimagenet
 from metajax.data.omniglot import load_omniglot, omniglot_split
 from metajax.data.splits import (CIFAR_FS_CLASSES, FC100_SUPERCLASSES, cifar_fs_classes,
                                  fc100_classes, omniglot_split_indices)
