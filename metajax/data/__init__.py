@@ -10,5 +10,7 @@ from metajax.data.errors import (CacheError, CorruptDatasetError, DatasetNotFoun
                                  EpisodeConfigError, UnknownSplitError)
 from metajax.data.miniimagenet import load_miniimagenet
 from metajax.data.omniglot import load_omniglot, omniglot_split
+from metajax.data.tfds_source import (load_cifar_fs, load_fc100, load_omniglot_tfds,
+                                      tfds_class_dataset)
 from metajax.data.splits import (CIFAR_FS_CLASSES, FC100_SUPERCLASSES, cifar_fs_classes,
                                  fc100_classes, omniglot_split_indices)
