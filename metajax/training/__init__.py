@@ -5,3 +5,4 @@ from metajax.training.steps import (make_eval_step, make_train_loop, make_train_
 from metajax.training.train_state import TrainState, create_train_state
 from metajax.training.checkpoint import Checkpointer, CheckpointWarning, Restored
 from metajax.training.guards import NonFiniteError, skip_nonfinite, skipped_updates
+from metajax.training.sharding import replicate, shard_tasks, task_mesh
