@@ -257,7 +257,7 @@ def _gather_part(images: jax.Array, indices: EpisodeIndices, lo: int, hi: int,
     # without the bounds checks (indices are in range by construction) XLA fuses it
     # cheaply into the rotation select and the float conversion.
     flat = images.reshape((-1,) + images.shape[2:])
-    x = flat.at[rows].get(mode="promise_in_bounds", unique_indices=True)
+    x = flat.at[rows].get(mode="promise_in_bounds")
     if num_rotations > 1:
         turns = jnp.broadcast_to((indices.classes % num_rotations)[..., None], (t, n, m))
         x = _rotate(x, turns.reshape(-1))
