@@ -170,7 +170,7 @@ def test_errors_name_problem_and_fix():
 
 @pytest.mark.parametrize("population,max_size", [(7, 7), (500, 500)])
 def test_sample_without_replacement_is_uniform(population, max_size):
-    m, rows = 3, 20000
+    m, rows = 3, 8000
     x = np.asarray(sample_without_replacement(jax.random.key(0), jnp.full((rows,), population),
                                               m, max_size))
     assert ((x >= 0) & (x < population)).all()
@@ -198,9 +198,9 @@ def test_real_omniglot_sampler(omniglot_full):
     from metajax.data.omniglot import omniglot_split
 
     train = omniglot_split(omniglot_full, "vinyals", "train", rotations=True)
-    sampler = EpisodeSampler(train, n_way=20, k_shot=5, n_query=15, meta_batch_size=4)
+    sampler = EpisodeSampler(train, n_way=5, k_shot=5, n_query=15, meta_batch_size=4)
     b = sampler(jax.random.key(0)).validate()
-    assert b.support_inputs.shape == (4, 100, 28, 28, 1)
+    assert b.support_inputs.shape == (4, 25, 28, 28, 1)
     assert 0.0 < float(b.query_inputs.mean()) < 0.5 and float(b.query_inputs.max()) == 1.0
     with pytest.raises(EpisodeConfigError, match="k_shot \\+ n_query = 5 \\+ 16 = 21"):
         EpisodeSampler(train, n_way=5, k_shot=5, n_query=16)
