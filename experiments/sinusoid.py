@@ -5,16 +5,25 @@ meta-batch 25, Adam 1e-3, 70,000 iterations), then evaluates both models on
 held-out tasks after 0, 1, 5 and 10 gradient steps and writes ``metrics.json``
 and ``adaptation.png`` (the paper's Figure 2) to ``--out``.
 
+Training checkpoints every ``--checkpoint-every`` steps into ``OUT/checkpoints/<phase>``
+(orbax; the last ``--keep-checkpoints`` are kept) and logs scalars to
+``OUT/<phase>/metrics.jsonl`` and TensorBoard files in ``OUT/<phase>/tb``.
+
   python experiments/sinusoid.py --out runs/sinusoid
+  python experiments/sinusoid.py --out runs/sinusoid --resume          # continue a killed run
   python experiments/sinusoid.py --iterations 2000 --out /tmp/quick   # a quick look
+  python experiments/sinusoid.py --devices 0 --meta-batch 24          # tasks over all devices
+  python experiments/plot.py runs/sinusoid                            # learning curves
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +32,10 @@ import optax
 
 import metajax as mj
 from metajax.training.config import field, parse_config, save_config, write_json_atomic
+from metajax.training import sharding
+from metajax.training.checkpoint import Checkpointer
+from metajax.training.guards import skip_nonfinite
+from metajax.training.metrics_log import MetricsLogger
 from metajax.training.runner import evaluate_many, run_fused_training, summarize_steps
 
 EVAL_STEPS = (0, 1, 5, 10)
@@ -50,6 +63,27 @@ class SinusoidConfig:
     eval_query: int = field(100, "query points per evaluation task")
     seed: int = field(0, "random seed")
     progress: bool = field(True, "show progress bars")
+    resume: bool = field(False, "continue from the latest good checkpoint in OUT/checkpoints "
+                         "(without it, old checkpoints there are removed)")
+    checkpoint_every: int = field(10_000, "checkpoint every N meta-steps (rounded to whole "
+                                  "compiled calls; 0: no checkpoints)")
+    keep_checkpoints: int = field(3, "how many of the latest checkpoints to keep per phase")
+    skip_nonfinite: bool = field(False, "skip updates with a non-finite gradient instead of "
+                                 "stopping the run")
+    tensorboard: bool = field(True, "also write TensorBoard event files (OUT/<phase>/tb)")
+    devices: int = field(1, "shard each meta-batch's tasks over this many devices (0: all); "
+                         "the meta-batch must be divisible by it")
+    coordinator_address: Optional[str] = field(
+        None, "multi-host: host:port of process 0, for jax.distributed.initialize")
+    num_processes: Optional[int] = field(None, "multi-host: number of processes")
+    process_id: Optional[int] = field(None, "multi-host: this process's index")
+
+
+# Settings that may differ between a run and its --resume (they do not change the numerics).
+RESUMABLE_CHANGES = {"out", "iterations", "progress", "resume", "checkpoint_every",
+                     "keep_checkpoints", "tensorboard", "eval_tasks", "eval_query",
+                     "pretrain_lrs", "devices", "coordinator_address", "num_processes",
+                     "process_id"}
 
 
 def build(config: SinusoidConfig):
@@ -63,15 +97,68 @@ def build(config: SinusoidConfig):
     return model, params, algorithms
 
 
-def train(config: SinusoidConfig, algorithm, params, seed_offset: int, name: str):
+def checkpoint_interval(config: SinusoidConfig) -> Optional[int]:
+    """``--checkpoint-every`` rounded to whole compiled calls (None: no checkpoints)."""
+    if config.checkpoint_every <= 0:
+        return None
+    return max(1, round(config.checkpoint_every / config.steps_per_call)) * config.steps_per_call
+
+
+def check_resumable(saved: Optional[dict], config: SinusoidConfig, where: str) -> None:
+    """Raises if the checkpoint was written with settings that change the numerics."""
+    if saved is None:
+        return
+    current = dataclasses.asdict(config)
+    diff = {k: (saved.get(k), v) for k, v in current.items()
+            if k not in RESUMABLE_CHANGES and k in saved and saved[k] != (list(v) if isinstance(v, tuple) else v)}
+    if diff:
+        raise ValueError(f"--resume: the checkpoint in {where} was written with different settings "
+                         f"(saved, now): {diff}; use the same flags or a new --out.")
+
+
+def train(config: SinusoidConfig, algorithm, params, seed_offset: int, name: str, mesh=None):
     optimizer = optax.adam(config.meta_lr)
+    if config.skip_nonfinite:
+        optimizer = skip_nonfinite(optimizer)
     state = mj.create_train_state(algorithm.init(params), optimizer,
                                   jax.random.key(config.seed * 1000 + seed_offset))
     sample = lambda key: mj.data.sample_sinusoid_tasks(key, config.meta_batch, config.shots,
                                                        config.query)
-    loop = mj.make_train_loop(algorithm.meta_loss, optimizer, sample, config.steps_per_call)
-    return run_fused_training(loop, state, config.iterations, config.steps_per_call,
-                              desc=name, progress=config.progress)
+    if mesh is None:
+        loop = mj.make_train_loop(algorithm.meta_loss, optimizer, sample, config.steps_per_call)
+    else:
+        loop = sharding.make_train_loop(algorithm.meta_loss, optimizer, sample,
+                                        config.steps_per_call, mesh=mesh)
+        state = sharding.replicate(state, mesh)
+    every = checkpoint_interval(config)
+    ckpt_dir = os.path.join(config.out, "checkpoints", name)
+    checkpointer, start = None, None
+    if every is not None:
+        if not config.resume and os.path.isdir(ckpt_dir) and jax.process_index() == 0:
+            print(f"{name}: removing old checkpoints in {ckpt_dir} (use --resume to continue them)")
+            shutil.rmtree(ckpt_dir)
+        checkpointer = Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints)
+        if config.resume:
+            restored = checkpointer.restore(state)
+            if restored is not None:
+                check_resumable(restored.config, config, ckpt_dir)
+                state, start = restored.state, restored.step
+                if mesh is not None:
+                    state = sharding.replicate(state, mesh)
+                print(f"{name}: resuming from step {start}", flush=True)
+    with MetricsLogger(os.path.join(config.out, name), tensorboard=config.tensorboard,
+                       resume_step=start if config.resume else None) as logger:
+        state, info = run_fused_training(
+            loop, state, config.iterations, config.steps_per_call, desc=name,
+            progress=config.progress, log_fn=logger.log_fn(), checkpointer=checkpointer,
+            checkpoint_every=every, config=dataclasses.asdict(config),
+            on_nonfinite="skip" if config.skip_nonfinite else "raise",
+            report_dir=os.path.join(config.out, name) if checkpointer is None else None)
+    if checkpointer is not None:
+        checkpointer.close()
+    if mesh is not None:  # evaluation runs on one device, from host copies
+        state = state.replace(params=jax.device_get(state.params))
+    return state, info
 
 
 def make_evaluator(config: SinusoidConfig, algorithm):
@@ -136,18 +223,35 @@ def plot_adaptation(config, model, algorithms, trained, lrs, path):
     plt.close(fig)
 
 
+def make_mesh(config: SinusoidConfig):
+    """None for one device (the default), else a task mesh over ``--devices`` devices."""
+    if config.coordinator_address is not None:
+        sharding.initialize_distributed(config.coordinator_address, config.num_processes,
+                                        config.process_id)
+    if config.devices == 1 and jax.process_count() == 1:
+        return None
+    mesh = sharding.task_mesh(config.devices or None)
+    if config.meta_batch % mesh.devices.size:
+        raise ValueError(f"--meta-batch {config.meta_batch} is not divisible by the "
+                         f"{mesh.devices.size} devices it is sharded over.")
+    return mesh
+
+
 def main(argv=None) -> dict:
     config = parse_config(SinusoidConfig, argv)
+    mesh = make_mesh(config)  # first: multi-host initialization precedes any computation
     os.makedirs(config.out, exist_ok=True)
-    save_config(config, config.out)
+    if jax.process_index() == 0:
+        save_config(config, config.out)
     model, params, algorithms = build(config)
 
     trained, training = {}, {}
     for offset, (name, algorithm) in enumerate(algorithms.items()):
-        state, info = train(config, algorithm, params, offset, name)
+        state, info = train(config, algorithm, params, offset, name, mesh)
         trained[name] = state.params
         training[name] = info
-        print(f"{name}: {config.iterations} iterations in {info['wall_s']:.1f} s "
+        resumed = f" (resumed at step {info['start_step']})" if info["start_step"] else ""
+        print(f"{name}: {config.iterations - info['start_step']} iterations{resumed} in {info['wall_s']:.1f} s "
               f"(first call incl. compile {info['first_call_s']:.1f} s, "
               f"{info['steps_per_s']:.0f} it/s after)", flush=True)
 
@@ -179,6 +283,8 @@ def main(argv=None) -> dict:
         "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                         "devices": [str(d) for d in jax.devices()]},
     }
+    if jax.process_index() != 0:
+        return metrics
     write_json_atomic(os.path.join(config.out, "metrics.json"), metrics)
     lrs = {name: res["fine_tune_lr"] for name, res in results.items()}
     plot_adaptation(config, model, algorithms, trained, lrs, os.path.join(config.out, "adaptation.png"))

@@ -6,3 +6,4 @@ from metajax.training.train_state import TrainState, create_train_state
 from metajax.training.checkpoint import Checkpointer, CheckpointWarning, Restored
 from metajax.training.guards import NonFiniteError, skip_nonfinite, skipped_updates
 from metajax.training.sharding import replicate, shard_tasks, task_mesh
+from metajax.training.metrics_log import MetricsLogger, read_jsonl
