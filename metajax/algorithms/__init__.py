@@ -7,3 +7,4 @@ from metajax.algorithms.maml_plus_plus import MAMLPlusPlus, cosine_adam, multi_s
 from metajax.algorithms.meta_sgd import MetaSGD
 from metajax.algorithms.pretrain import MultiTaskPretrain
 from metajax.algorithms.reptile import Reptile
+from metajax.algorithms.registry import algorithm_names, make_algorithm

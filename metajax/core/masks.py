@@ -35,7 +35,8 @@ def mask_by_path(params: PyTree, predicate: Callable[[tuple[str, ...]], bool]) -
 
 
 def last_module_mask(params: PyTree) -> PyTree:
-    """Adapts only the last top-level entry of a params dict (the head of a Flax model).
+    """Adapts only the head of a params dict: top-level entries named ``head*`` if there
+    are any, else the last top-level entry (the output layer of a Flax model).
 
     Flax linen names submodules in creation order (``Dense_0``, ``Dense_1``, ...), so for the
     built-in backbones the last top-level key is the output layer.
@@ -43,6 +44,8 @@ def last_module_mask(params: PyTree) -> PyTree:
     if not isinstance(params, dict) or not params:
         raise TypeError("last_module_mask needs a non-empty dict of parameters; "
                         "build the mask with mask_by_path for other structures.")
+    if any(str(k).startswith("head") for k in params):  # e.g. Conv4's head_kernel/head_bias
+        return mask_by_path(params, lambda path: path[0].startswith("head"))
     head = _last_key(params)
     return mask_by_path(params, lambda path: path[0] == head)
 
