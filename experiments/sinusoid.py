@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 import metajax as mj
+from metajax.algorithms import algorithm_names, make_algorithm
 from metajax.training.config import field, parse_config, save_config, write_json_atomic
 from metajax.training import sharding
 from metajax.training.checkpoint import Checkpointer
@@ -46,6 +47,8 @@ class SinusoidConfig:
     """MAML and pretraining on sinusoid regression (Finn et al. 2017, section 5.1)."""
 
     out: str = field("runs/sinusoid", "run directory for metrics.json and adaptation.png")
+    algos: tuple[str, ...] = field(("maml", "pretrain"),
+                                   f"algorithms to train and compare: {', '.join(algorithm_names())}")
     iterations: int = field(70_000, "meta-training iterations (both MAML and the baseline)")
     shots: int = field(10, "K: support points per task, at training and evaluation")
     query: int = field(10, "query points per task at training")
@@ -90,10 +93,7 @@ def build(config: SinusoidConfig):
     model, params = mj.models.init_mlp(jax.random.key(config.seed))
     inner = mj.InnerLoop(steps=config.inner_steps, learning_rate=config.inner_lr,
                          first_order=config.first_order)
-    algorithms = {
-        "maml": mj.MAML(apply_fn=model, loss_fn=mj.mse, inner=inner),
-        "pretrain": mj.MultiTaskPretrain(apply_fn=model, loss_fn=mj.mse, inner=inner),
-    }
+    algorithms = {name: make_algorithm(name, model, mj.mse, params, inner) for name in config.algos}
     return model, params, algorithms
 
 
@@ -162,24 +162,30 @@ def train(config: SinusoidConfig, algorithm, params, seed_offset: int, name: str
 
 
 def make_evaluator(config: SinusoidConfig, algorithm):
-    """Evaluation over held-out tasks with the fine-tuning step size as data (compiles once)."""
+    """Evaluation over held-out tasks (compiles once).
+
+    With a fixed step size, the step size is passed as data (so a sweep compiles once);
+    algorithms that meta-learn their inner rates (Meta-SGD, MAML++) use their own.
+    """
     sample = lambda key: mj.data.sample_sinusoid_tasks(key, 100, config.shots, config.eval_query)
 
     def evaluate_with_lr(lr_and_params, batch):
-        learning_rate, params = lr_and_params
-        rates = jax.tree_util.tree_map(lambda _: learning_rate, params)
-        return algorithm.evaluate({"model": params, "inner_rates": rates}, batch,
-                                  steps=max(EVAL_STEPS))
+        learning_rate, meta_params = lr_and_params
+        if "inner_rates" not in meta_params:
+            rates = jax.tree_util.tree_map(lambda _: learning_rate, meta_params["model"])
+            meta_params = {"model": meta_params["model"], "inner_rates": rates}
+        return algorithm.evaluate(meta_params, batch, steps=max(EVAL_STEPS))
 
     evaluate_fn = jax.jit(evaluate_with_lr)
 
     def evaluate(meta_params, learning_rate: float, key_offset: int = 10_000,
                  num_tasks: int | None = None) -> dict:
-        per_task = evaluate_many(evaluate_fn, (jnp.float32(learning_rate), meta_params["model"]),
+        per_task = evaluate_many(evaluate_fn, (jnp.float32(learning_rate), meta_params),
                                  sample, jax.random.key(key_offset + config.seed),
                                  num_tasks or config.eval_tasks, batch_size=100)
         mse, ci = summarize_steps(per_task["loss"], EVAL_STEPS)
-        return {"mse": mse, "ci95": ci, "fine_tune_lr": learning_rate}
+        learned = "inner_rates" in meta_params
+        return {"mse": mse, "ci95": ci, "fine_tune_lr": "learned" if learned else learning_rate}
 
     return evaluate
 
@@ -204,18 +210,28 @@ def plot_adaptation(config, model, algorithms, trained, lrs, path):
                                                          config.shots, 1), 0)
     grid = jnp.linspace(-5, 5, 200)[:, None]
     truth = functions(grid[None])[0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, name in zip(axes, ("maml", "pretrain")):
+    shown = [n for n in ("maml", "pretrain") if n in algorithms]
+    shown = (shown + [n for n in algorithms if n not in shown])[:2]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4), sharey=True,
+                             squeeze=False)
+    axes = axes[0]
+    for ax, name in zip(axes, shown):
         algorithm, meta_params = algorithms[name], trained[name]
         ax.plot(grid, truth, color="red", label="ground truth")
         for steps, style in ((0, ":"), (1, "--"), (10, "-")):
-            inner = algorithm.inner.with_overrides(steps=steps, learning_rate=lrs[name])
-            adapted = mj.adapt(meta_params["model"], task, apply_fn=model, loss_fn=mj.mse, inner=inner)
+            lr = lrs[name] if isinstance(lrs[name], float) else None
+            inner = algorithm.inner.with_overrides(steps=steps, learning_rate=lr)
+            rates = meta_params.get("inner_rates")
+            if rates is not None and inner.rates_per_step:
+                rates = mj.algorithms.maml.resize_per_step_rates(rates, steps)
+            adapted = mj.adapt(meta_params["model"], task, apply_fn=model, loss_fn=mj.mse,
+                               inner=inner, rates=rates if steps else None)
             label = "pre-update" if steps == 0 else f"{steps} grad step{'s' * (steps > 1)}"
             ax.plot(grid, model(adapted.params, grid), style, color="green", label=label)
         ax.scatter(task.support_inputs[:, 0], task.support_targets[:, 0], marker="^", color="purple",
                    zorder=5, label=f"{config.shots} support points")
-        ax.set_title({"maml": "MAML", "pretrain": "pretrained on all tasks"}[name] + f", K={config.shots}")
+        ax.set_title({"maml": "MAML", "pretrain": "pretrained on all tasks"}.get(name, name)
+                     + f", K={config.shots}")
         ax.set_xlabel("x")
     axes[0].legend(loc="lower left", fontsize=8)
     fig.tight_layout()
@@ -230,7 +246,9 @@ def make_mesh(config: SinusoidConfig):
                                         config.process_id)
     if config.devices == 1 and jax.process_count() == 1:
         return None
-    mesh = sharding.task_mesh(config.devices or None)
+    # Multi-host: the mesh spans every host's devices (--devices 1 then means all of them).
+    devices = 0 if jax.process_count() > 1 and config.devices == 1 else config.devices
+    mesh = sharding.task_mesh(devices or None)
     if config.meta_batch % mesh.devices.size:
         raise ValueError(f"--meta-batch {config.meta_batch} is not divisible by the "
                          f"{mesh.devices.size} devices it is sharded over.")
@@ -257,22 +275,26 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     evaluators = {name: make_evaluator(config, algorithm) for name, algorithm in algorithms.items()}
-    pretrain_lr = tune_fine_tuning_lr(config, evaluators["pretrain"], trained["pretrain"])
-    results = {"maml": evaluators["maml"](trained["maml"], config.inner_lr),
-               "pretrain": evaluators["pretrain"](trained["pretrain"], pretrain_lr)}
+    results = {}
+    for name in algorithms:
+        lr = (tune_fine_tuning_lr(config, evaluators[name], trained[name]) if name == "pretrain"
+              else config.inner_lr)
+        results[name] = evaluators[name](trained[name], lr)
     eval_s = time.perf_counter() - t0
 
+    steps_used = ", ".join(f"{n}: {r['fine_tune_lr']}" for n, r in results.items())
     print(f"\nMean squared error on {config.eval_tasks} held-out tasks, K={config.shots} "
-          f"(mean +- 95% CI); fine-tuning with SGD, step size {config.inner_lr} (MAML) and "
-          f"{pretrain_lr} (pretrained, tuned on validation tasks):")
+          f"(mean +- 95% CI); fine-tuning step sizes ({steps_used}; pretrain's tuned on "
+          f"validation tasks):")
     header = "| model    | " + " | ".join(f"{s:>2} step{'s' if s != 1 else ' '}      " for s in EVAL_STEPS) + " |"
     print(header)
     print("|" + "---|" * (len(EVAL_STEPS) + 1))
     for name, res in results.items():
         cells = " | ".join(f"{res['mse'][str(s)]:.3f} +- {res['ci95'][str(s)]:.3f}" for s in EVAL_STEPS)
         print(f"| {name:<8} | {cells} |")
-    ratio = results["pretrain"]["mse"]["10"] / results["maml"]["mse"]["10"]
-    print(f"\npretrain / MAML MSE after 10 steps: {ratio:.1f}x")
+    if "pretrain" in results and "maml" in results:
+        ratio = results["pretrain"]["mse"]["10"] / results["maml"]["mse"]["10"]
+        print(f"\npretrain / MAML MSE after 10 steps: {ratio:.1f}x")
 
     metrics = {
         "experiment": "sinusoid",

@@ -108,7 +108,8 @@ def _put_replicated(x: Any, mesh: Mesh) -> jax.Array:
         return jax.device_put(x, sharding)
     # Multi-host: every process holds the same value; build the global array from it.
     host = np.asarray(jax.device_get(x))
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index],
+                                        dtype=host.dtype)
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
