@@ -15,7 +15,7 @@ Cache resolution: an explicit ``cache_dir``; else ``METAJAX_CACHE``; else
 Example:
   >>> import os, tempfile
   >>> root = tempfile.mkdtemp(); os.makedirs(os.path.join(root, "omniglot"))
-  >>> dataset_dir("omniglot", root) == os.path.join(root, "omniglot")
+  >>> str(dataset_dir("omniglot", root)) == os.path.join(root, "omniglot")
   True
 """
 
