@@ -48,6 +48,19 @@ def init_inner_rates(params: PyTree, kind: str, learning_rate: float, steps: int
     return jax.tree_util.tree_map(lambda p: jnp.full(shapes(p), learning_rate, p.dtype), params)
 
 
+def resize_per_step_rates(rates: PyTree, steps: int) -> PyTree:
+    """Per-step rates for ``steps`` steps: truncated, or extended by repeating the last step's.
+
+    Lets a model meta-trained with S inner steps be evaluated with more (or fewer) steps.
+    """
+    def resize(r):
+        if steps <= r.shape[0]:
+            return r[:steps]
+        return jnp.concatenate([r, jnp.repeat(r[-1:], steps - r.shape[0], axis=0)])
+
+    return jax.tree_util.tree_map(resize, rates)
+
+
 @dataclasses.dataclass(frozen=True)
 class MAML:
     """Model-agnostic meta-learning.
@@ -109,7 +122,10 @@ class MAML:
                  learning_rate: Optional[float] = None) -> dict:
         """Per-task query loss/metrics after 0..steps inner steps, arrays ``(tasks, steps+1)``."""
         inner = self.inner.with_overrides(steps=steps, learning_rate=learning_rate)
+        rates = meta_params.get("inner_rates")
+        if rates is not None and inner.rates_per_step and inner.steps != self.inner.steps:
+            rates = resize_per_step_rates(rates, inner.steps)
         kwargs = self._kwargs()
         kwargs["inner"] = inner
         return evaluate_adaptation(meta_params["model"], batch, task_map=self.task_map,
-                                   rates=meta_params.get("inner_rates"), **kwargs)
+                                   rates=rates, **kwargs)
