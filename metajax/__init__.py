@@ -6,8 +6,8 @@ steps are single ``jax.jit`` calls.
 """
 
 from metajax import algorithms, core, data, models, training
-from metajax.algorithms import (ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD, MultiTaskPretrain,
-                                Reptile, cosine_adam)
+from metajax.algorithms import (ANIL, IMAML, MAML, MAMLPlusPlus, MatchingNet, MetaSGD,
+                                MultiTaskPretrain, ProtoNet, Reptile, cosine_adam)
 from metajax.core.masks import last_module_mask, mask_by_path
 from metajax.core import (Adaptation, InnerLoop, Task, TaskBatch, TaskBatchError, accuracy, adapt,
                           adapted_task_loss, cross_entropy, evaluate_adaptation, map_over_tasks,
