@@ -27,7 +27,9 @@ import metajax as mj
 from metajax.algorithms import algorithm_names, make_algorithm
 from metajax.data import EpisodeSampler, load_omniglot, omniglot_split
 from metajax.models.conv4 import init_omniglot_conv4
+from metajax.training.checkpoint import Checkpointer
 from metajax.training.config import field, parse_config, save_config, write_json_atomic
+from metajax.training.metrics_log import MetricsLogger, read_jsonl
 from metajax.training.runner import evaluate_many, summarize_steps
 
 PRESETS = {
@@ -58,6 +60,7 @@ class OmniglotConfig:
     rotations: bool = field(True, "rotations by 90/180/270 degrees as new classes")
     image_size: int = field(28, "image side in pixels")
     data_dir: Optional[str] = field(None, "Omniglot folder or data root (default: $METAJAX_DATA)")
+    cache_dir: Optional[str] = field(None, "where the decoded-image cache lives (default: see load_omniglot)")
     eval_tasks: int = field(600, "meta-test tasks")
     eval_batch: int = field(50, "tasks per evaluation call")
     eval_every: int = field(250, "iterations between validation points of the learning curve")
@@ -67,6 +70,10 @@ class OmniglotConfig:
     task_map: str = field("vmap", "tasks in a meta-batch: vmap, map, or a chunk size")
     remat: bool = field(False, "rematerialise inner steps (flat memory in the number of steps)")
     out: str = field("runs/omniglot", "run directory")
+    checkpoint_every: int = field(500, "checkpoint every N iterations (0: never)")
+    keep_checkpoints: int = field(3, "how many recent checkpoints to keep")
+    resume: bool = field(False, "continue from the newest good checkpoint in OUT/checkpoints")
+    tensorboard: bool = field(True, "also write TensorBoard event files to OUT/tb")
     seed: int = field(0, "random seed")
     progress: bool = field(True, "show a progress bar")
 
@@ -105,44 +112,82 @@ def build_algorithm(config: OmniglotConfig, key):
     return algorithm, params
 
 
+CURVE_KEYS = ("train_loss", "train_accuracy", "val_accuracy", "seconds")
+
+
+def curve_from_log(run_dir: str) -> dict:
+    """The learning curve recorded so far (for a resumed run)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    curve = {"step": [], **{k: [] for k in CURVE_KEYS}}
+    for record in read_jsonl(path) if os.path.exists(path) else []:
+        if "val_accuracy" in record:
+            curve["step"].append(record["step"])
+            for k in CURVE_KEYS:
+                curve[k].append(record.get(k, float("nan")))
+    return curve
+
+
 def train(config, algorithm, params, samplers):
     from tqdm.auto import tqdm
 
     optimizer = optax.adam(config.meta_lr)
     state = mj.create_train_state(algorithm.init(params), optimizer, jax.random.key(config.seed))
+    checkpointer = None
+    if config.checkpoint_every > 0:
+        checkpointer = Checkpointer(os.path.join(config.out, "checkpoints"),
+                                    max_to_keep=config.keep_checkpoints)
+    start = 0
+    if config.resume and checkpointer is not None:
+        restored = checkpointer.restore(state)
+        if restored is not None:
+            state, start = restored.state, restored.step
+            print(f"resuming from iteration {start}", flush=True)
     step = mj.make_train_step(algorithm.meta_loss, optimizer)
     validate = jax.jit(lambda p, b: algorithm.evaluate(p, b, steps=config.eval_inner_steps))
-    curve = {"step": [], "train_loss": [], "train_accuracy": [], "val_accuracy": [], "seconds": []}
+    curve = curve_from_log(config.out) if start else {"step": [], **{k: [] for k in CURVE_KEYS}}
     budget_s = None if config.budget_minutes is None else 60.0 * config.budget_minutes
-    data_key = jax.random.key(config.seed + 1)
+    data_key = jax.random.key(config.seed + 1)  # batch i depends only on i: resumes exactly
     t0 = time.perf_counter()
-    bar = tqdm(total=config.iterations, desc=config.algo, unit="it", disable=not config.progress)
-    recent = []
-    stopped_by_budget = False
-    for it in range(config.iterations):
-        state, metrics = step(state, samplers["train"](jax.random.fold_in(data_key, it)))
-        recent.append(metrics)
-        bar.update(1)
-        done = it + 1
-        last = done == config.iterations
-        if done % config.eval_every == 0 or last:
-            m = jax.device_get(recent)
-            recent = []
-            val = evaluate_many(validate, state.params, samplers["val"],
-                                jax.random.key(50_000 + done), config.val_tasks, config.eval_batch)
-            curve["step"].append(done)
-            curve["train_loss"].append(float(np.mean([x["loss"] for x in m])))
-            curve["train_accuracy"].append(float(np.mean([x.get("query_accuracy", np.nan) for x in m])))
-            curve["val_accuracy"].append(float(val["accuracy"][:, -1].mean()))
-            curve["seconds"].append(time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{curve['train_loss'][-1]:.3f}",
-                            val_acc=f"{curve['val_accuracy'][-1]:.3f}")
-        if budget_s is not None and time.perf_counter() - t0 > budget_s:
-            stopped_by_budget = True
-            break
+    elapsed_before = curve["seconds"][-1] if curve["seconds"] else 0.0
+    bar = tqdm(total=config.iterations, initial=start, desc=config.algo, unit="it",
+               disable=not config.progress)
+    recent, stopped_by_budget = [], False
+    logger = MetricsLogger(config.out, tensorboard=config.tensorboard,
+                           resume_step=start if config.resume else None)
+    with logger:
+        for it in range(start, config.iterations):
+            state, metrics = step(state, samplers["train"](jax.random.fold_in(data_key, it)))
+            recent.append(metrics)
+            bar.update(1)
+            done = it + 1
+            if done % config.eval_every == 0 or done == config.iterations:
+                m = jax.device_get(recent)
+                recent = []
+                val = evaluate_many(validate, state.params, samplers["val"],
+                                    jax.random.key(50_000 + done), config.val_tasks,
+                                    config.eval_batch)
+                point = {"train_loss": float(np.mean([x["loss"] for x in m])),
+                         "train_accuracy": float(np.mean([x.get("query_accuracy", np.nan) for x in m])),
+                         "val_accuracy": float(val["accuracy"][:, -1].mean()),
+                         "seconds": elapsed_before + time.perf_counter() - t0}
+                curve["step"].append(done)
+                for k, v in point.items():
+                    curve[k].append(v)
+                logger.log(done, point)
+                bar.set_postfix(loss=f"{point['train_loss']:.3f}",
+                                val_acc=f"{point['val_accuracy']:.3f}")
+            if checkpointer is not None and done % config.checkpoint_every == 0:
+                checkpointer.save(state, config=dataclasses.asdict(config))
+            if budget_s is not None and time.perf_counter() - t0 > budget_s:
+                stopped_by_budget = True
+                break
     bar.close()
     jax.block_until_ready(state.params)
-    return state, curve, {"iterations_done": int(state.step), "train_seconds": time.perf_counter() - t0,
+    if checkpointer is not None:
+        checkpointer.save(state, config=dataclasses.asdict(config))  # the final state too
+        checkpointer.close()
+    return state, curve, {"iterations_done": int(state.step), "resumed_from": start,
+                          "train_seconds": time.perf_counter() - t0,
                           "stopped_by_budget": stopped_by_budget}
 
 
@@ -151,7 +196,8 @@ def test(config, algorithm, params, sampler) -> dict:
     evaluate = jax.jit(lambda p, b: algorithm.evaluate(p, b, steps=steps))
     per_task = evaluate_many(evaluate, params, sampler, jax.random.key(90_000 + config.seed),
                              config.eval_tasks, config.eval_batch)
-    step_ids = tuple(range(steps + 1))
+    step_ids = tuple(range(per_task["accuracy"].shape[1]))  # metric learners: just step 0
+    steps = step_ids[-1]
     accuracy, ci = summarize_steps(per_task["accuracy"], step_ids)
     loss, loss_ci = summarize_steps(per_task["loss"], step_ids)
     return {"test_accuracy": accuracy[str(steps)], "test_ci95": ci[str(steps)],
@@ -185,7 +231,7 @@ def main(argv=None) -> dict:
     os.makedirs(config.out, exist_ok=True)
     save_config(config, config.out)
     t0 = time.perf_counter()
-    dataset = load_omniglot(config.data_dir, image_size=config.image_size)
+    dataset = load_omniglot(config.data_dir, image_size=config.image_size, cache_dir=config.cache_dir)
     samplers = build_samplers(config, dataset)
     load_s = time.perf_counter() - t0
     algorithm, params = build_algorithm(config, jax.random.key(config.seed))

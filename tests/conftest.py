@@ -24,8 +24,14 @@ def omniglot_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def omniglot_full(omniglot_root, tmp_path_factory):
+def omniglot_cache_dir(tmp_path_factory) -> Path:
+    """A per-session cache directory for decoded Omniglot (shared by data and experiment tests)."""
+    return tmp_path_factory.mktemp("omniglot-cache")
+
+
+@pytest.fixture(scope="session")
+def omniglot_full(omniglot_root, omniglot_cache_dir):
     """Full Omniglot at 28x28, decoded once per test session into a temporary cache."""
     from metajax.data.omniglot import load_omniglot
 
-    return load_omniglot(omniglot_root, cache_dir=tmp_path_factory.mktemp("omniglot-cache"))
+    return load_omniglot(omniglot_root, cache_dir=omniglot_cache_dir)

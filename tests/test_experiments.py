@@ -42,3 +42,25 @@ def test_iterations_must_divide_into_calls(tmp_path):
     with pytest.raises(ValueError, match="not a multiple of steps_per_call"):
         sinusoid.main(["--iterations", "1500", "--steps-per-call", "1000", "--out", str(tmp_path),
                        "--no-progress"])
+
+
+def test_omniglot_experiment_trains_checkpoints_and_resumes(tmp_path, omniglot_root, omniglot_full,
+                                                            omniglot_cache_dir):
+    omniglot = _load("omniglot")
+    out = tmp_path / "omni"
+    common = ["--algo", "fomaml", "--ways", "5", "--shots", "1", "--query", "2", "--meta-batch", "2",
+              "--eval-tasks", "20", "--eval-batch", "10", "--val-tasks", "10", "--eval-every", "2",
+              "--checkpoint-every", "2", "--split", "lake", "--data-dir", str(omniglot_root),
+              "--cache-dir", str(omniglot_cache_dir), "--out", str(out), "--no-progress",
+              "--no-tensorboard"]
+    first = omniglot.main(common + ["--iterations", "2"])
+    assert first["training"]["iterations_done"] == 2
+    resumed = omniglot.main(common + ["--iterations", "4", "--resume"])
+    assert resumed["training"]["resumed_from"] == 2
+    assert resumed["training"]["iterations_done"] == 4
+    assert resumed["training"]["curve"]["step"] == [2, 4]
+    result = resumed["results"]["fomaml"]
+    assert set(result["accuracy"]) == {"0", "1", "2", "3"}  # per inner step at test (3 steps)
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["test_ci95"] > 0
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["experiment"] == "omniglot" and (out / "learning_curve.png").exists()
