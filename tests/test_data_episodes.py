@@ -7,7 +7,7 @@ import pytest
 
 from metajax import TaskBatch, masked_mean
 from metajax.data import (ClassDataset, EpisodeConfigError, EpisodeSampler, class_prototypes,
-                          class_splitter, sample_without_replacement)
+                          class_splitter, normalize_images, sample_without_replacement)
 from metajax.data.episodes import EpisodeSpec
 
 
@@ -204,3 +204,51 @@ def test_real_omniglot_sampler(omniglot_full):
     assert 0.0 < float(b.query_inputs.mean()) < 0.5 and float(b.query_inputs.max()) == 1.0
     with pytest.raises(EpisodeConfigError, match="k_shot \\+ n_query = 5 \\+ 16 = 21"):
         EpisodeSampler(train, n_way=5, k_shot=5, n_query=16)
+
+
+@pytest.mark.parametrize("size", [5, 6])  # 25-byte rows (uint8 table), 36-byte rows (uint32 table)
+def test_uint8_output_rotation_modes_and_normalize_images(size):
+    ds = coded_dataset(num_classes=6, max_examples=7, size=size)
+    rng = np.random.default_rng(1)
+    images = ds.images.copy()
+    images[..., 1:, :, :] = rng.integers(0, 256, images[..., 1:, :, :].shape, dtype=np.uint8)
+    ds = ClassDataset(images, np.array([7, 5, 6, 7, 4, 7]), ds.class_names).with_rotations()
+    kw = dict(n_way=5, k_shot=2, n_query=2, meta_batch_size=3, min_shot=1, min_query=1)
+    key = jax.random.key(3)
+    f32 = EpisodeSampler(ds, **kw)(key)
+    fly = EpisodeSampler(ds, **kw, materialize_rotations=False)
+    u8 = EpisodeSampler(ds, **kw, output_dtype="uint8")(key)
+    u8_fly = EpisodeSampler(ds, **kw, output_dtype="uint8", materialize_rotations=False)(key)
+    assert fly.materialize_rotations is False
+    assert u8.support_inputs.dtype == jnp.uint8 and u8.query_inputs.shape == f32.query_inputs.shape
+    for a, b in ((f32, fly(key)), (u8, u8_fly)):  # rotations stored or on the fly: same batch
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+            np.testing.assert_array_equal(x, y)
+    for part in ("support", "query"):
+        x8 = np.asarray(getattr(u8, f"{part}_inputs"))
+        x32 = np.asarray(getattr(f32, f"{part}_inputs"))
+        np.testing.assert_array_equal(x8, np.rint(x32 * 255).astype(np.uint8))
+        np.testing.assert_array_equal(normalize_images(jnp.asarray(x8)), x32)  # bit-exact
+        np.testing.assert_array_equal(getattr(u8, f"{part}_mask"), getattr(f32, f"{part}_mask"))
+        np.testing.assert_array_equal(getattr(u8, f"{part}_targets"),
+                                      getattr(f32, f"{part}_targets"))
+    assert (np.asarray(u8.support_mask) == 0).any()  # imbalanced: masked slots are zero
+    assert (np.asarray(u8.support_inputs)[np.asarray(u8.support_mask) == 0] == 0).all()
+    np.testing.assert_allclose(normalize_images(u8.query_inputs, mean=0.5, std=0.25),
+                               (np.asarray(f32.query_inputs) - 0.5) / 0.25, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="normalize_images"):
+        EpisodeSampler(ds, **kw, output_dtype="uint8", mean=0.5)
+    with pytest.raises(ValueError, match="output_dtype"):
+        EpisodeSampler(ds, **kw, output_dtype="float16")
+
+
+def test_sample_many_stacks_the_split_keys_batches():
+    sampler = EpisodeSampler(coded_dataset(), n_way=4, k_shot=2, n_query=3, meta_batch_size=5,
+                             output_dtype="uint8")
+    key = jax.random.key(7)
+    many = sampler.sample_many(key, 3)
+    assert many.support_inputs.shape == (3, 5, 8, 6, 6, 1)
+    for i, k in enumerate(jax.random.split(key, 3)):
+        one = sampler(k)
+        for x, y in zip(jax.tree_util.tree_leaves(many), jax.tree_util.tree_leaves(one)):
+            np.testing.assert_array_equal(x[i], y)

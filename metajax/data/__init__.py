@@ -4,8 +4,9 @@ from metajax.data.sinusoid import (SinusoidParams, sample_sinusoid_params, sampl
                                    sinusoid_tasks_from_params)
 from metajax.data.class_dataset import ClassDataset
 from metajax.data.episodes import (EpisodeIndices, EpisodeSampler, EpisodeSpec, class_prototypes,
-                                   class_splitter, gather_episodes, sample_episode_indices,
-                                   sample_episodes, sample_without_replacement)
+                                   class_splitter, gather_episodes, normalize_images,
+                                   pack_image_rows, sample_episode_indices, sample_episodes,
+                                   sample_without_replacement)
 from metajax.data.errors import (CacheError, CorruptDatasetError, DatasetNotFoundError,
                                  EpisodeConfigError, UnknownSplitError)
 from metajax.data.miniimagenet import load_miniimagenet
