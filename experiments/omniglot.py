@@ -46,6 +46,10 @@ class OmniglotConfig:
     preset: Optional[str] = field(None, "paper settings: 5way or 20way (override the flags they set)",
                                   choices=(None, *PRESETS))
     ways: int = field(5, "N: classes per task")
+    train_ways: Optional[int] = field(None, "classes per meta-training task for protonet/matchingnet "
+                                      "(e.g. 60, as in the ProtoNet paper); default: --ways")
+    embedding_dim: int = field(64, "embedding width of protonet/matchingnet (Conv4 features -> linear)")
+    full_context: bool = field(False, "matchingnet: full context embeddings (LSTMs)")
     shots: int = field(1, "K: support examples per class")
     query: int = field(15, "query examples per class (training and test)")
     inner_steps: int = field(1, "inner steps at meta-training")
@@ -96,23 +100,32 @@ def build_samplers(config: OmniglotConfig, dataset) -> dict:
         classes = omniglot_split(dataset, config.split, subset, rotations=config.rotations,
                                  seed=config.seed)
         batch = config.meta_batch if role == "train" else config.eval_batch
+        ways = config.train_ways if role == "train" and config.train_ways else config.ways
         # Raw uint8 pixels: a quarter of the bytes to write; the model scales them in-step.
-        samplers[role] = EpisodeSampler(classes, n_way=config.ways, k_shot=config.shots,
+        samplers[role] = EpisodeSampler(classes, n_way=ways, k_shot=config.shots,
                                         n_query=config.query, meta_batch_size=batch,
                                         output_dtype="uint8")
     return samplers
 
 
 def build_algorithm(config: OmniglotConfig, key):
-    conv4, params = init_omniglot_conv4(key, ways=config.ways, conv_impl=config.conv_impl,
+    metric = config.algo in algorithm_names("metric")
+    if config.train_ways and not metric and config.train_ways != config.ways:
+        raise ValueError(f"--train-ways differs from --ways, which only embedding learners "
+                         f"(protonet, matchingnet) allow; {config.algo} has a {config.ways}-way head.")
+    outputs = config.embedding_dim if metric else config.ways
+    conv4, params = init_omniglot_conv4(key, ways=outputs, conv_impl=config.conv_impl,
                                         image_size=config.image_size)
     apply_fn = lambda p, x: conv4(p, normalize_images(x))
     inner = mj.InnerLoop(steps=config.inner_steps, learning_rate=config.inner_lr,
                          remat=config.remat)
     algorithm = make_algorithm(config.algo, apply_fn, mj.cross_entropy, params, inner,
                                metric_fns={"accuracy": mj.accuracy},
-                               task_map=parse_task_map(config.task_map))
-    return algorithm, params
+                               task_map=parse_task_map(config.task_map),
+                               full_context=config.full_context)
+    if config.algo == "matchingnet" and config.full_context:
+        return algorithm, algorithm.init(params, embedding_dim=outputs, key=jax.random.fold_in(key, 1))
+    return algorithm, algorithm.init(params)
 
 
 CURVE_KEYS = ("train_loss", "train_accuracy", "val_accuracy", "seconds")
@@ -130,11 +143,11 @@ def curve_from_log(run_dir: str) -> dict:
     return curve
 
 
-def train(config, algorithm, params, samplers):
+def train(config, algorithm, meta_params, samplers):
     from tqdm.auto import tqdm
 
     optimizer = optax.adam(config.meta_lr)
-    state = mj.create_train_state(algorithm.init(params), optimizer, jax.random.key(config.seed))
+    state = mj.create_train_state(meta_params, optimizer, jax.random.key(config.seed))
     checkpointer = None
     if config.checkpoint_every > 0:
         checkpointer = Checkpointer(os.path.join(config.out, "checkpoints"),
@@ -237,8 +250,8 @@ def main(argv=None) -> dict:
     dataset = load_omniglot(config.data_dir, image_size=config.image_size, cache_dir=config.cache_dir)
     samplers = build_samplers(config, dataset)
     load_s = time.perf_counter() - t0
-    algorithm, params = build_algorithm(config, jax.random.key(config.seed))
-    state, curve, info = train(config, algorithm, params, samplers)
+    algorithm, meta_params = build_algorithm(config, jax.random.key(config.seed))
+    state, curve, info = train(config, algorithm, meta_params, samplers)
     results = test(config, algorithm, state.params, samplers["test"])
     name = f"{config.ways}-way {config.shots}-shot {config.algo}"
     print(f"\n{name}, {config.split} split{' + rotations' if config.rotations else ''}: "

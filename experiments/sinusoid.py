@@ -48,7 +48,7 @@ class SinusoidConfig:
 
     out: str = field("runs/sinusoid", "run directory for metrics.json and adaptation.png")
     algos: tuple[str, ...] = field(("maml", "pretrain"),
-                                   f"algorithms to train and compare: {', '.join(algorithm_names())}")
+                                   f"algorithms to train and compare: {', '.join(algorithm_names('gradient'))}")
     iterations: int = field(70_000, "meta-training iterations (both MAML and the baseline)")
     shots: int = field(10, "K: support points per task, at training and evaluation")
     query: int = field(10, "query points per task at training")

@@ -64,3 +64,20 @@ def test_omniglot_experiment_trains_checkpoints_and_resumes(tmp_path, omniglot_r
     assert 0.0 <= result["test_accuracy"] <= 1.0 and result["test_ci95"] > 0
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["experiment"] == "omniglot" and (out / "learning_curve.png").exists()
+
+
+def test_omniglot_experiment_runs_protonet_with_more_training_ways(tmp_path, omniglot_root,
+                                                                   omniglot_full, omniglot_cache_dir):
+    omniglot = _load("omniglot")
+    metrics = omniglot.main(
+        ["--algo", "protonet", "--ways", "5", "--train-ways", "10", "--shots", "1", "--query", "2",
+         "--meta-batch", "2", "--iterations", "2", "--eval-tasks", "20", "--eval-batch", "10",
+         "--val-tasks", "10", "--eval-every", "2", "--checkpoint-every", "0", "--split", "lake",
+         "--data-dir", str(omniglot_root), "--cache-dir", str(omniglot_cache_dir),
+         "--out", str(tmp_path / "proto"), "--no-progress", "--no-tensorboard"])
+    result = metrics["results"]["protonet"]
+    assert set(result["accuracy"]) == {"0"}  # no inner loop: one column
+    assert result["test_accuracy"] > 0.2  # even 2 steps of training beat 5-way chance on Omniglot
+    with pytest.raises(ValueError, match="only embedding learners"):
+        omniglot.main(["--algo", "maml", "--ways", "5", "--train-ways", "10", "--out", str(tmp_path / "x"),
+                       "--data-dir", str(omniglot_root), "--cache-dir", str(omniglot_cache_dir)])

@@ -9,8 +9,10 @@ from metajax.algorithms.anil import ANIL
 from metajax.algorithms.imaml import IMAML
 from metajax.algorithms.maml import MAML
 from metajax.algorithms.maml_plus_plus import MAMLPlusPlus
+from metajax.algorithms.matching import MatchingNet
 from metajax.algorithms.meta_sgd import MetaSGD
 from metajax.algorithms.pretrain import MultiTaskPretrain
+from metajax.algorithms.protonet import ProtoNet
 from metajax.algorithms.reptile import Reptile
 from metajax.core.inner_loop import InnerLoop
 
@@ -34,6 +36,13 @@ GRADIENT_BASED: Mapping[str, Callable[..., Any]] = {
     "pretrain": lambda apply_fn, loss_fn, params, inner, **kw: MultiTaskPretrain(apply_fn, loss_fn, inner=inner, **kw),
 }
 
+# Embedding-based learners: ``apply_fn`` is the embedding network; no inner loop.
+METRIC_BASED: Mapping[str, Callable[..., Any]] = {
+    "protonet": lambda apply_fn, loss_fn, params, inner, **kw: ProtoNet(apply_fn, loss_fn, **kw),
+    "matchingnet": lambda apply_fn, loss_fn, params, inner, **kw: MatchingNet(apply_fn, loss_fn, **kw),
+}
+ALL = {**GRADIENT_BASED, **METRIC_BASED}
+
 # Fields each algorithm accepts beyond (apply_fn, loss_fn, inner).
 _ACCEPTS = {
     "maml": {"metric_fns", "task_map", "adapt_mask"},
@@ -44,11 +53,14 @@ _ACCEPTS = {
     "reptile": {"metric_fns", "task_map"},
     "imaml": {"metric_fns", "task_map", "lam", "cg_steps"},
     "pretrain": {"metric_fns", "task_map"},
+    "protonet": {"task_map", "distance"},
+    "matchingnet": {"task_map", "full_context"},
 }
 
 
-def algorithm_names() -> tuple[str, ...]:
-    return tuple(GRADIENT_BASED)
+def algorithm_names(kind: str = "all") -> tuple[str, ...]:
+    """Names accepted by :func:`make_algorithm`: ``"all"``, ``"gradient"`` or ``"metric"``."""
+    return tuple({"all": ALL, "gradient": GRADIENT_BASED, "metric": METRIC_BASED}[kind])
 
 
 def make_algorithm(name: str, apply_fn, loss_fn, params: PyTree, inner: InnerLoop, **options):
@@ -60,7 +72,7 @@ def make_algorithm(name: str, apply_fn, loss_fn, params: PyTree, inner: InnerLoo
       >>> type(make_algorithm("metasgd", model, mj.mse, params, mj.InnerLoop())).__name__
       'MetaSGD'
     """
-    if name not in GRADIENT_BASED:
-        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(GRADIENT_BASED)}.")
+    if name not in ALL:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALL)}.")
     kwargs = {k: v for k, v in options.items() if k in _ACCEPTS[name] and v is not None}
-    return GRADIENT_BASED[name](apply_fn, loss_fn, params, inner, **kwargs)
+    return ALL[name](apply_fn, loss_fn, params, inner, **kwargs)
