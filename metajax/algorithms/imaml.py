@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from metajax.algorithms.fine_tune import FineTuneEvaluation
 from metajax.core.inner_loop import ApplyFn, InnerLoop, adapt, task_loss_and_metrics
 from metajax.core.losses import LossFn
-from metajax.core.meta_objective import evaluate_adaptation
 from metajax.core.task_map import TaskMap, map_over_tasks
 from metajax.core.tasks import Task, TaskBatch, as_tasks, validate_task_batch
 
@@ -38,8 +38,8 @@ def proximal_regularizer(center: PyTree, lam: float):
 
 
 @dataclasses.dataclass(frozen=True)
-class IMAML:
-    """Implicit MAML.
+class IMAML(FineTuneEvaluation):
+    """Implicit MAML (evaluated by plain, unregularised fine-tuning).
 
     Attributes:
       apply_fn, loss_fn, metric_fns, task_map: as for :class:`MAML`.
@@ -128,11 +128,3 @@ class IMAML:
         metrics = {"query_loss": jnp.mean(losses),
                    **{f"query_{k}": jnp.mean(v) for k, v in metrics.items()}}
         return jnp.mean(losses) + surrogate, metrics
-
-    def evaluate(self, meta_params: dict, batch: TaskBatch, *, steps: Optional[int] = None,
-                 learning_rate: Optional[float] = None) -> dict:
-        """Per-task query metrics after 0..steps plain (unregularised) SGD fine-tuning steps."""
-        inner = self.inner.with_overrides(steps=steps, learning_rate=learning_rate)
-        return evaluate_adaptation(meta_params["model"], batch, apply_fn=self.apply_fn,
-                                   loss_fn=self.loss_fn, inner=inner, metric_fns=self.metric_fns,
-                                   task_map=self.task_map)

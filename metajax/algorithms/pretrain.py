@@ -15,9 +15,9 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from metajax.algorithms.fine_tune import FineTuneEvaluation
 from metajax.core.inner_loop import ApplyFn, InnerLoop, task_loss_and_metrics
 from metajax.core.losses import LossFn
-from metajax.core.meta_objective import evaluate_adaptation
 from metajax.core.task_map import TaskMap, map_over_tasks
 from metajax.core.tasks import TaskBatch, as_tasks, merged_task_examples, validate_task_batch
 
@@ -25,7 +25,7 @@ PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class MultiTaskPretrain:
+class MultiTaskPretrain(FineTuneEvaluation):
     """Joint training on all tasks; fine-tuning with ``inner`` at evaluation.
 
     Attributes:
@@ -58,16 +58,3 @@ class MultiTaskPretrain:
         metrics = {f"train_{k}": v for k, v in metrics.items()}
         metrics["train_loss"] = losses
         return jnp.mean(losses), jax.tree_util.tree_map(jnp.mean, metrics)
-
-    def evaluate(self, meta_params: dict, batch: TaskBatch, *, steps: Optional[int] = None,
-                 learning_rate: Optional[float] = None) -> dict:
-        """Per-task query loss/metrics after 0..steps fine-tuning steps.
-
-        ``meta_params["inner_rates"]``, if present, sets the fine-tuning step sizes as data
-        (so a sweep over step sizes compiles once).
-        """
-        inner = self.inner.with_overrides(steps=steps, learning_rate=learning_rate)
-        return evaluate_adaptation(meta_params["model"], batch, apply_fn=self.apply_fn,
-                                   loss_fn=self.loss_fn, inner=inner,
-                                   rates=meta_params.get("inner_rates"),
-                                   metric_fns=self.metric_fns, task_map=self.task_map)

@@ -16,9 +16,9 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from metajax.algorithms.fine_tune import FineTuneEvaluation
 from metajax.core.inner_loop import ApplyFn, InnerLoop, adapt
 from metajax.core.losses import LossFn
-from metajax.core.meta_objective import evaluate_adaptation
 from metajax.core.task_map import TaskMap, map_over_tasks
 from metajax.core.tasks import TaskBatch, as_tasks, validate_task_batch
 
@@ -26,7 +26,7 @@ PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class Reptile:
+class Reptile(FineTuneEvaluation):
     """Reptile over the core inner loop.
 
     Example:
@@ -74,10 +74,3 @@ class Reptile:
         sq = sum(jnp.sum(jnp.square(d)) for d in jax.tree_util.tree_leaves(diffs))
         metrics["distance"] = jnp.sqrt(sq)
         return 0.5 * sq, metrics
-
-    def evaluate(self, meta_params: dict, batch: TaskBatch, *, steps: Optional[int] = None,
-                 learning_rate: Optional[float] = None) -> dict:
-        inner = self.inner.with_overrides(steps=steps, learning_rate=learning_rate)
-        return evaluate_adaptation(meta_params["model"], batch, apply_fn=self.apply_fn,
-                                   loss_fn=self.loss_fn, inner=inner, metric_fns=self.metric_fns,
-                                   task_map=self.task_map)
