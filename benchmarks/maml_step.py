@@ -1,0 +1,217 @@
+"""One MAML meta-training step on an Omniglot-shaped Conv4: speed, compile time, memory.
+
+Configurations (the same as ``../shared/bench`` runs with learn2learn and torch.func):
+
+  a: 5-way 1-shot 15-query, 1 inner step,  meta-batch 32, second order
+  b: 5-way 1-shot 15-query, 1 inner step,  meta-batch 32, first order
+  c: 5-way 1-shot 15-query, 5 inner steps, meta-batch 32, second order
+  d: 20-way 1-shot 5-query, 5 inner steps, meta-batch 16, second order
+
+Inner SGD learning rate 0.4, Adam(1e-3) outer optimizer, random data shaped like Omniglot
+(``(T, N, 28, 28, 1)``), learn2learn's OmniglotCNN init. One meta-step is one call of the
+jitted ``mj.make_train_step`` (meta-gradient over the batch + Adam update).
+
+Each configuration runs in a fresh subprocess so its peak RSS is its own. Reported per
+configuration: tasks/s, seconds per meta-step (median over ``--steps`` timed steps after
+``--warmup``), compile time (lower + compile), peak RSS (whole process, imports included),
+XLA cost-analysis FLOPs per step, achieved GFLOP/s (both the XLA count and the useful
+conv/matmul FLOPs that ``../shared/bench`` uses, for a like-for-like ratio) and % of a
+matmul peak measured in the same run (float32 4096^3 ``jnp.matmul``).
+
+Usage:
+  python benchmarks/maml_step.py                     # configs a-d, defaults (conv_impl auto)
+  python benchmarks/maml_step.py --configs a --json  # one JSON object per config
+  python benchmarks/maml_step.py --conv-impl patches --task-map map
+  python benchmarks/maml_step.py --configs a --child '{"config": "a", ...}'  # internal
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "a": dict(ways=5, shots=1, query=15, inner_steps=1, meta_batch=32, first_order=False),
+    "b": dict(ways=5, shots=1, query=15, inner_steps=1, meta_batch=32, first_order=True),
+    "c": dict(ways=5, shots=1, query=15, inner_steps=5, meta_batch=32, first_order=False),
+    "d": dict(ways=20, shots=1, query=5, inner_steps=5, meta_batch=16, first_order=False),
+}
+# Useful (conv + matmul) FLOPs per meta-step, counted by ../shared/bench with torch's
+# FlopCounterMode on the per-task autograd path; the same count for every framework.
+USEFUL_GFLOP = {"a": 45.7, "b": 40.2, "c": 77.7, "d": 41.2}
+INNER_LR = 0.4
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def matmul_peak_gflops(n: int = 4096, repeats: int = 5) -> float:
+    """Median float32 ``n^3`` matmul GFLOP/s of this JAX backend."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / float(np.median(times)) / 1e9
+
+
+def make_batch(cfg: dict, seed: int):
+    import jax.numpy as jnp
+    import numpy as np
+    import metajax as mj
+    rng = np.random.default_rng(seed)
+    t, w = cfg["meta_batch"], cfg["ways"]
+    ns, nq = w * cfg["shots"], w * cfg["query"]
+    return mj.TaskBatch(
+        support_inputs=jnp.asarray(rng.random((t, ns, 28, 28, 1), np.float32)),
+        support_targets=jnp.asarray(np.tile(np.arange(w), (t, cfg["shots"]))),
+        query_inputs=jnp.asarray(rng.random((t, nq, 28, 28, 1), np.float32)),
+        query_targets=jnp.asarray(np.tile(np.arange(w), (t, cfg["query"]))))
+
+
+def parse_task_map(value: str):
+    return value if value in ("vmap", "map") else int(value)
+
+
+def build_step(cfg: dict, conv_impl: str, task_map, remat: bool = False):
+    """``(train_step, state)`` for one configuration."""
+    import jax
+    import optax
+    import metajax as mj
+    from metajax.models.conv4 import init_omniglot_conv4
+    apply_fn, params = init_omniglot_conv4(jax.random.key(0), ways=cfg["ways"],
+                                           conv_impl=conv_impl)
+    maml = mj.MAML(apply_fn, mj.cross_entropy,
+                   inner=mj.InnerLoop(cfg["inner_steps"], INNER_LR,
+                                      first_order=cfg["first_order"], remat=remat),
+                   metric_fns={"accuracy": mj.accuracy}, task_map=task_map)
+    optimizer = optax.adam(1e-3)
+    state = mj.create_train_state(maml.init(params), optimizer, jax.random.key(1))
+    return mj.make_train_step(maml.meta_loss, optimizer), state
+
+
+def run_child(spec: dict) -> dict:
+    """Benchmarks one configuration in this process and returns the result dict."""
+    import jax
+    import numpy as np
+    from metajax.models.layers import resolve_conv_impl
+    if spec.get("threads"):
+        pass  # threads are set through XLA_FLAGS by the parent before JAX starts
+    name = spec["config"]
+    cfg = CONFIGS[name]
+    rss_imports = _peak_rss_mb()
+    task_map = parse_task_map(spec["task_map"])
+    step, state = build_step(cfg, spec["conv_impl"], task_map, spec.get("remat", False))
+    batches = [make_batch(cfg, seed) for seed in range(4)]
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = float((cost or {}).get("flops", float("nan")))
+    for i in range(spec["warmup"]):
+        state, metrics = compiled(state, batches[i % 4])
+    jax.block_until_ready(state)
+    times, losses = [], []
+    for i in range(spec["steps"]):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batches[i % 4])
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t0)
+        losses.append(float(metrics["loss"]))
+    sec = float(np.median(times))
+    peak = matmul_peak_gflops() if spec.get("peak", True) else float("nan")
+    useful = USEFUL_GFLOP[name]
+    return {
+        "config": dict(name=name, **cfg),
+        "conv_impl": resolve_conv_impl(spec["conv_impl"]),
+        "task_map": spec["task_map"],
+        "tasks_per_s": cfg["meta_batch"] / sec,
+        "seconds_per_step": sec,
+        "seconds_min": float(np.min(times)),
+        "seconds_max": float(np.max(times)),
+        "compile_s": compile_s,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_after_imports_mb": rss_imports,
+        "xla_gflop_per_step": xla_flops / 1e9,
+        "gflops_per_s": xla_flops / 1e9 / sec,
+        "useful_gflop_per_step": useful,
+        "useful_gflops_per_s": useful / sec,
+        "matmul_peak_gflops": peak,
+        "pct_of_peak_useful": 100.0 * useful / sec / peak,
+        "pct_of_peak_xla": 100.0 * xla_flops / 1e9 / sec / peak,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "steps": spec["steps"],
+        "loadavg_1m": os.getloadavg()[0],
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    parser.add_argument("--conv-impl", default="auto", choices=["auto", "fused", "patches", "lax"])
+    parser.add_argument("--task-map", default="vmap", help="vmap, map or an int chunk size")
+    parser.add_argument("--remat", action="store_true", help="jax.checkpoint each inner step")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="limit XLA:CPU intra-op threads (0: XLA's default)")
+    parser.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
+    parser.add_argument("--json", action="store_true", help="one JSON object per config")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print("RESULT_JSON " + json.dumps(run_child(json.loads(args.child))), flush=True)
+        return
+
+    env = dict(os.environ)
+    if args.threads:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'}"
+                            f" intra_op_parallelism_threads={args.threads}").strip()
+    for name in args.configs.split(","):
+        spec = dict(config=name, conv_impl=args.conv_impl, task_map=args.task_map,
+                    remat=args.remat, steps=args.steps, warmup=args.warmup,
+                    peak=not args.no_peak)
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
+                               json.dumps(spec)], capture_output=True, text=True, env=env)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT_JSON ")]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stdout + proc.stderr)
+            raise SystemExit(f"config {name} failed (exit {proc.returncode})")
+        res = json.loads(lines[-1][len("RESULT_JSON "):])
+        if args.json:
+            print(json.dumps(res), flush=True)
+        else:
+            c = res["config"]
+            print(f"({name}) {c['ways']}-way {c['shots']}-shot {c['query']}q k={c['inner_steps']} "
+                  f"T={c['meta_batch']} {'1st' if c['first_order'] else '2nd'} order "
+                  f"[{res['conv_impl']}, {res['task_map']}]: "
+                  f"{res['tasks_per_s']:.1f} tasks/s, {res['seconds_per_step']:.3f} s/step "
+                  f"(min {res['seconds_min']:.3f}), compile {res['compile_s']:.1f} s, "
+                  f"peak RSS {res['peak_rss_mb']:.0f} MiB, "
+                  f"XLA {res['xla_gflop_per_step']:.1f} GFLOP/step = {res['gflops_per_s']:.0f} GFLOP/s, "
+                  f"useful {res['useful_gflops_per_s']:.0f} GFLOP/s = "
+                  f"{res['pct_of_peak_useful']:.0f}% of {res['matmul_peak_gflops']:.0f} GFLOP/s peak, "
+                  f"load {res['loadavg_1m']:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

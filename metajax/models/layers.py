@@ -1,0 +1,250 @@
+"""Functional convolution and batch-norm layers with backend-tuned implementations.
+
+The meta-learning backbones (:mod:`metajax.models.conv4`) run their convolutions
+through :func:`conv2d`, which has two implementations that compute the same
+function:
+
+``"lax"``
+    ``lax.conv_general_dilated``. The right choice on GPU/TPU (cuDNN / the TPU
+    convolution emitter). On CPU it is slow for meta-learning: under ``vmap``
+    every task has its own adapted weights, which XLA lowers to a grouped
+    convolution, and XLA:CPU's grouped convolutions and convolution gradients
+    run far below the matmul peak.
+
+``"patches"``
+    im2col written as ``kh * kw`` strided slices of the padded input that are
+    concatenated on the channel axis, followed by one matmul with the
+    ``(kh*kw*C_in, C_out)`` weight matrix. Everything is a slice, a concatenate,
+    a pad or a ``dot_general``, so the first- and second-order derivatives are
+    again slices, pads and matmuls, which XLA:CPU fuses and runs on its GEMM
+    kernels. Under ``vmap`` with per-task weights the matmul becomes one batched
+    matmul (one GEMM per task); with shared weights JAX folds the task axis into
+    the rows and it becomes a single large GEMM.
+
+``"auto"`` (the default) picks ``"patches"`` on CPU and ``"lax"`` elsewhere
+(:func:`resolve_conv_impl`). The choice is proven by ``benchmarks/conv_paths.py``;
+results agree to float32 rounding whichever is chosen (``tests/test_conv4.py``).
+
+:func:`batch_norm` is training-mode batch normalisation written with mean/variance
+ops: it always normalises with the statistics of the batch it is given (the MAML
+convention; there are no running statistics), so it is a pure function of its
+inputs and parameters and is differentiable to any order.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> x = jnp.ones((2, 28, 28, 1)); w = jnp.ones((3, 3, 1, 8))
+  >>> conv2d(x, w, stride=2, padding=1, impl="patches").shape
+  (2, 14, 14, 8)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONV_IMPLS = ("lax", "patches", "fused", "auto")
+
+
+def resolve_conv_impl(impl: str = "auto", backend: Optional[str] = None) -> str:
+    """The concrete convolution implementation for ``impl`` on ``backend``.
+
+    ``"auto"`` gives ``"patches"`` on CPU and ``"lax"`` on GPU/TPU (or other accelerators).
+    ``backend`` defaults to ``jax.default_backend()``.
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}.")
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    return "fused" if backend == "cpu" else "lax"
+
+
+def _out_size(size: int, k: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - k) // stride + 1
+
+
+def extract_patches(x: jax.Array, kh: int, kw: int, stride: int = 1, padding: int = 0) -> jax.Array:
+    """im2col: ``(N, H, W, C) -> (N, Ho, Wo, kh*kw*C)``, features ordered ``(dy, dx, c)``.
+
+    The ordering matches a ``(kh, kw, C, O)`` (HWIO) kernel reshaped to ``(kh*kw*C, O)``.
+    Built from ``kh*kw`` strided slices of the zero-padded input and one concatenate.
+    """
+    n, h, w, c = x.shape
+    ho, wo = _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding)
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    cols = []
+    for dy in range(kh):
+        for dx in range(kw):
+            cols.append(lax.slice(
+                x, (0, dy, dx, 0),
+                (n, dy + stride * (ho - 1) + 1, dx + stride * (wo - 1) + 1, c),
+                (1, stride, stride, 1)))
+    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None, *,
+           stride: int = 1, padding: int = 0, impl: str = "auto") -> jax.Array:
+    """2-D convolution (cross-correlation, as in PyTorch/Flax) of NHWC ``x`` with an HWIO kernel.
+
+    Args:
+      x: ``(N, H, W, C_in)`` inputs.
+      kernel: ``(kh, kw, C_in, C_out)`` weights.
+      bias: optional ``(C_out,)`` bias.
+      stride: the same stride on both spatial axes.
+      padding: symmetric zero padding on both spatial axes.
+      impl: ``"lax"``, ``"patches"`` or ``"auto"`` (see the module docstring).
+
+    Returns:
+      ``(N, Ho, Wo, C_out)`` with ``Ho = (H + 2*padding - kh) // stride + 1``.
+    """
+    impl = resolve_conv_impl(impl)
+    kh, kw, cin, cout = kernel.shape
+    if x.shape[-1] != cin:
+        raise ValueError(f"conv2d: input has {x.shape[-1]} channels but the kernel expects {cin}.")
+    if impl == "lax":
+        y = lax.conv_general_dilated(
+            x, kernel, window_strides=(stride, stride),
+            padding=((padding, padding), (padding, padding)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    else:
+        patches = extract_patches(x, kh, kw, stride, padding)
+        y = jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(kh * kw * cin, cout))
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def batch_norm(x: jax.Array, scale: Optional[jax.Array] = None, bias: Optional[jax.Array] = None,
+               *, eps: float = 1e-5, axes=(0, 1, 2)) -> jax.Array:
+    """Training-mode batch norm: normalise with the batch's own mean and (biased) variance.
+
+    ``y = (x - mean) / sqrt(var + eps) * scale + bias`` with the statistics taken over
+    ``axes`` (all but the channel axis for NHWC). Same math as PyTorch's
+    ``F.batch_norm(training=True)``; no running statistics are kept or used.
+    """
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    centered = x - mean
+    var = jnp.mean(jnp.square(centered), axis=axes, keepdims=True)
+    y = centered * lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def max_pool2d(x: jax.Array, window: int = 2, stride: Optional[int] = None) -> jax.Array:
+    """Max pooling over NHWC spatial axes (floor mode, no padding, like PyTorch's default)."""
+    stride = stride or window
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1),
+                             (1, stride, stride, 1), "VALID")
+
+
+def _patch_matmul(x, kernel, stride, padding):
+    kh, kw, cin, cout = kernel.shape
+    patches = extract_patches(x, kh, kw, stride, padding)
+    return jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(kh * kw * cin, cout))
+
+
+def _conv_input_grad(dz, kernel, x_shape, stride, padding):
+    """Cotangent of the conv input (the transposed convolution of ``dz`` with ``kernel``).
+
+    For 3x3 stride-2 pad-1 convolutions (the Omniglot Conv4) it uses the sub-pixel
+    decomposition: each of the four (row, column) parity phases of the input gradient is
+    a sum over at most four shifted copies of ``dz``, so the whole gradient is one matmul
+    of ``[dz, dz>>col, dz>>row, dz>>both]`` (``4*C_out`` features) with a ``(4*C_out,
+    4*C_in)`` block matrix of kernel taps, followed by a pixel shuffle. That avoids the
+    ``kh*kw*C_in``-wide patch cotangent and the scatter-add of the im2col transpose.
+    Other shapes use ``dz @ W^T`` and the transpose of im2col.
+    """
+    kh, kw, cin, cout = kernel.shape
+    n, h, w, _ = x_shape
+    if (kh, kw, stride, padding) == (3, 3, 2, 1):
+        ho, wo = dz.shape[1], dz.shape[2]
+        dzp = jnp.pad(dz, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        shifted = jnp.concatenate(
+            [dzp[:, :ho, :wo], dzp[:, :ho, 1:], dzp[:, 1:, :wo], dzp[:, 1:, 1:]], axis=-1)
+        kt = jnp.swapaxes(kernel, 2, 3)  # (3, 3, C_out, C_in)
+        zero = jnp.zeros_like(kt[0, 0])
+        # rows: dz[p,q], dz[p,q+1], dz[p+1,q], dz[p+1,q+1]; cols: phases (0,0),(0,1),(1,0),(1,1)
+        blocks = [[kt[1, 1], kt[1, 2], kt[2, 1], kt[2, 2]],
+                  [zero, kt[1, 0], zero, kt[2, 0]],
+                  [zero, zero, kt[0, 1], kt[0, 2]],
+                  [zero, zero, zero, kt[0, 0]]]
+        wmat = jnp.concatenate([jnp.concatenate(row, axis=1) for row in blocks], axis=0)
+        phases = jnp.einsum("nhwk,kc->nhwc", shifted, wmat).reshape(n, ho, wo, 2, 2, cin)
+        dx = jnp.transpose(phases, (0, 1, 3, 2, 4, 5)).reshape(n, 2 * ho, 2 * wo, cin)
+        return dx[:, :h, :w]
+    dpatches = jnp.einsum("nhwo,ko->nhwk", dz, kernel.reshape(kh * kw * cin, cout))
+    _, vjp = jax.vjp(lambda x: extract_patches(x, kh, kw, stride, padding),
+                     jnp.zeros(x_shape, dz.dtype))
+    return vjp(dpatches)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _fused_conv_bn_relu(x, kernel, bias, scale, shift, stride, padding, eps):
+    return _fused_fwd(x, kernel, bias, scale, shift, stride, padding, eps)[0]
+
+
+def _fused_fwd(x, kernel, bias, scale, shift, stride, padding, eps):
+    # The conv bias is added before batch norm, which subtracts the batch mean again:
+    # BN(z + b) == BN(z) exactly, and dL/db == 0. It is therefore left out of the arithmetic.
+    z = _patch_matmul(x, kernel, stride, padding)
+    axes = tuple(range(z.ndim - 1))
+    mean = jnp.mean(z, axis=axes)
+    zc = z - mean
+    rstd = lax.rsqrt(jnp.mean(jnp.square(zc), axis=axes) + eps)
+    zhat = zc * rstd
+    y = jnp.maximum(zhat * scale + shift, 0.0)
+    return y, (x, kernel, bias, scale, zhat, rstd, y)
+
+
+def _fused_bwd(stride, padding, eps, res, dy):
+    x, kernel, bias, scale, zhat, rstd, y = res
+    axes = tuple(range(dy.ndim - 1))
+    count = 1
+    for a in axes:
+        count *= dy.shape[a]
+    dr = jnp.where(y > 0, dy, 0.0)
+    dshift = jnp.sum(dr, axis=axes)
+    dscale = jnp.sum(dr * zhat, axis=axes)
+    dz = (scale * rstd) * (dr - (dshift + zhat * dscale) / count)
+    kh, kw, cin, cout = kernel.shape
+    patches = extract_patches(x, kh, kw, stride, padding)
+    # The GEMM kernels want the contraction axis (the rows here) minor in the left operand,
+    # so XLA transposes the left operand: make that the narrower of dz and the patches.
+    if cout < patches.shape[-1]:
+        dkernel = jnp.einsum("nhwo,nhwk->ok", dz, patches).T.reshape(kernel.shape)
+    else:
+        dkernel = jnp.einsum("nhwk,nhwo->ko", patches, dz).reshape(kernel.shape)
+    dx = _conv_input_grad(dz, kernel, x.shape, stride, padding)
+    return dx, dkernel, jnp.zeros_like(bias), dscale, dshift
+
+
+_fused_conv_bn_relu.defvjp(
+    lambda x, k, b, s, t, stride, padding, eps: _fused_fwd(x, k, b, s, t, stride, padding, eps),
+    _fused_bwd)
+
+
+def conv_bn_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array,
+                 shift: jax.Array, *, stride: int = 1, padding: int = 0, eps: float = 1e-5,
+                 impl: str = "auto") -> jax.Array:
+    """``relu(batch_norm(conv2d(x, kernel) + bias) * scale + shift)`` (NHWC, HWIO kernel).
+
+    With ``impl="fused"`` (the CPU default) the block is one ``jax.custom_vjp`` whose backward
+    pass is written by hand: the closed-form batch-norm backward, the kernel gradient as one
+    patches-transposed matmul, and the input gradient as ``dz @ W^T`` plus the transpose of
+    im2col. The backward is itself plain differentiable JAX, so reverse-over-reverse (the
+    second-order MAML meta-gradient) differentiates through it. Forward-mode (``jax.jvp``)
+    is not available for the fused block; use ``impl="patches"`` for that.
+    """
+    impl = resolve_conv_impl(impl)
+    if impl == "fused":
+        return _fused_conv_bn_relu(x, kernel, bias, scale, shift, stride, padding, eps)
+    y = conv2d(x, kernel, bias, stride=stride, padding=padding, impl=impl)
+    return jax.nn.relu(batch_norm(y, scale, shift, eps=eps))

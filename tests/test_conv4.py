@@ -1,0 +1,167 @@
+"""Conv4 backbones and the fast convolution paths: shapes, parameter counts, and that every
+path gives the same (second-order) MAML meta-gradient, which also matches finite differences."""
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metajax as mj
+from metajax.models.conv4 import (Conv4, init_conv4, init_miniimagenet_conv4,
+                                  init_omniglot_conv4, with_conv_impl)
+from metajax.models.layers import (batch_norm, conv2d, conv_bn_relu, extract_patches,
+                                   resolve_conv_impl)
+
+
+def _count(params):
+    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+
+
+def _batch(key, tasks, ways, shots, query, size, channels=1, dtype=jnp.float32):
+    k1, k2 = jax.random.split(key)
+    return mj.TaskBatch(
+        support_inputs=jax.random.uniform(k1, (tasks, ways * shots, size, size, channels), dtype),
+        support_targets=jnp.tile(jnp.arange(ways), (tasks, shots)),
+        query_inputs=jax.random.uniform(k2, (tasks, ways * query, size, size, channels), dtype),
+        query_targets=jnp.tile(jnp.arange(ways), (tasks, query)))
+
+
+def _max_abs(tree):
+    return max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _max_diff(a, b):
+    return _max_abs(jax.tree_util.tree_map(lambda x, y: x - y, a, b))
+
+
+def test_omniglot_conv4_param_count_and_shapes():
+    apply_fn, params = init_omniglot_conv4(jax.random.key(0), ways=5)
+    assert _count(params) == 112_261  # learn2learn OmniglotCNN, ../shared/bench/README.md
+    assert params["conv0_kernel"].shape == (3, 3, 1, 64)
+    assert params["conv3_kernel"].shape == (3, 3, 64, 64)
+    assert params["head_kernel"].shape == (64, 5)
+    assert jax.eval_shape(apply_fn, params, jnp.zeros((7, 28, 28, 1))).shape == (7, 5)
+    assert jax.eval_shape(apply_fn, params, jnp.zeros((7, 28, 28))).shape == (7, 5)  # adds C
+    _, params20 = init_omniglot_conv4(jax.random.key(0), ways=20)
+    assert _count(params20) == 112_261 + 15 * 65
+
+
+def test_omniglot_conv4_init_distribution():
+    _, params = init_omniglot_conv4(jax.random.key(0), ways=5)
+    bound = np.sqrt(6.0 / (9 * 64 + 9 * 64))  # xavier-uniform on 3x3x64x64
+    k = params["conv1_kernel"]
+    assert float(jnp.max(jnp.abs(k))) <= bound and float(jnp.std(k)) > 0.8 * bound / np.sqrt(3)
+    assert float(jnp.min(params["bn0_scale"])) >= 0 and float(jnp.max(params["bn0_scale"])) <= 1
+    assert float(jnp.max(jnp.abs(params["bn0_bias"]))) == 0
+    assert float(jnp.max(jnp.abs(params["conv0_bias"]))) == 0
+    assert 0.7 < float(jnp.std(params["head_kernel"])) < 1.3
+
+
+def test_miniimagenet_conv4_shapes():
+    apply_fn, params = init_miniimagenet_conv4(jax.random.key(0), ways=5)
+    assert _count(params) == 32_901  # learn2learn MiniImagenetCNN(5): 4x32 filters, 800 -> 5
+    assert jax.eval_shape(apply_fn, params, jnp.zeros((3, 84, 84, 3))).shape == (3, 5)
+
+
+def test_resolve_conv_impl():
+    assert resolve_conv_impl("auto", "cpu") == "fused"
+    assert resolve_conv_impl("auto", "gpu") == "lax"
+    assert resolve_conv_impl("auto", "tpu") == "lax"
+    assert resolve_conv_impl("patches", "gpu") == "patches"
+    with pytest.raises(ValueError, match="conv_impl"):
+        resolve_conv_impl("winograd")
+
+
+@pytest.mark.parametrize("size,stride", [(28, 2), (7, 2), (4, 2), (9, 1)])
+def test_conv_paths_agree_forward_and_backward(size, stride):
+    kx, kw, kb, ks, kt, kg = jax.random.split(jax.random.key(1), 6)
+    x = jax.random.normal(kx, (6, size, size, 5))
+    w = jax.random.normal(kw, (3, 3, 5, 8)) / 4
+    b, scale, shift = (jax.random.normal(k, (8,)) for k in (kb, ks, kt))
+    conv = jax.jit(conv2d, static_argnames=("stride", "padding", "impl"))
+    ref = conv(x, w, b, stride=stride, padding=1, impl="lax")
+    np.testing.assert_allclose(conv(x, w, b, stride=stride, padding=1, impl="patches"), ref,
+                               atol=1e-4)
+    assert extract_patches(x, 3, 3, stride, 1).shape[-1] == 45
+    outs = {}
+    for impl in ("lax", "patches", "fused"):
+        @jax.jit
+        def fwd_bwd(*args):
+            fn = lambda *a: conv_bn_relu(*a, stride=stride, padding=1, impl=impl)
+            y, vjp = jax.vjp(fn, *args)
+            return y, vjp(jax.random.normal(kg, y.shape))
+        outs[impl] = fwd_bwd(x, w, b, scale, shift)
+    for impl in ("patches", "fused"):
+        np.testing.assert_allclose(outs[impl][0], outs["lax"][0], atol=1e-4)
+        for got, want in zip(outs[impl][1], outs["lax"][1]):
+            np.testing.assert_allclose(got, want, atol=2e-4 * (1 + float(jnp.max(jnp.abs(want)))))
+
+
+def test_batch_norm_uses_batch_statistics():
+    x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2)) * 5 + 3
+    y = jax.jit(batch_norm)(x)
+    np.testing.assert_allclose(jnp.mean(y, axis=(0, 1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(jnp.var(y, axis=(0, 1, 2)), 1, atol=1e-3)
+
+
+def _meta_grad(apply_fn, params, batch, impl, task_map="vmap", steps=2, first_order=False):
+    maml = mj.MAML(with_conv_impl(apply_fn, impl), mj.cross_entropy,
+                   inner=mj.InnerLoop(steps, 0.4, first_order=first_order), task_map=task_map)
+    return jax.jit(jax.grad(lambda p: maml.meta_loss(p, batch)[0]))(maml.init(params))
+
+
+def test_fast_path_meta_gradient_matches_lax_vmap():
+    """Second-order Conv4 meta-gradient: fused/patches paths and task maps vs plain lax.conv vmap."""
+    apply_fn, params = init_omniglot_conv4(jax.random.key(0), ways=5, hidden=16)
+    batch = _batch(jax.random.key(1), tasks=3, ways=5, shots=1, query=2, size=28)
+    ref = _meta_grad(apply_fn, params, batch, "lax")
+    scale = _max_abs(ref)
+    for impl, task_map in (("fused", "vmap"), ("fused", "map"), ("patches", "vmap")):
+        got = _meta_grad(apply_fn, params, batch, impl, task_map)
+        assert _max_diff(got, ref) <= 1e-3 * scale, (impl, task_map, _max_diff(got, ref), scale)
+    # The comparison is meaningful: first order differs by far more than the tolerance.
+    fo = _meta_grad(apply_fn, params, batch, "fused", first_order=True)
+    assert _max_diff(fo, ref) > 1e-2 * scale
+
+
+def test_maxpool_conv4_meta_gradient_paths_agree():
+    apply_fn, params = init_conv4(Conv4(ways=3, hidden=8, max_pool=True), jax.random.key(2),
+                                  (16, 16, 3))
+    batch = _batch(jax.random.key(3), tasks=2, ways=3, shots=1, query=2, size=16, channels=3)
+    ref = _meta_grad(apply_fn, params, batch, "lax", steps=1)
+    got = _meta_grad(apply_fn, params, batch, "fused", steps=1)
+    assert _max_diff(got, ref) <= 1e-3 * _max_abs(ref)
+
+
+@pytest.mark.parametrize("impl", ["fused", "patches"])
+def test_second_order_meta_gradient_matches_finite_differences_float64(impl):
+    """The second-order meta-gradient through batch norm (per-task batch statistics) equals
+    central finite differences in float64 (torch.func gets this wrong: ../shared/bench)."""
+    with jax.enable_x64(True):
+        apply_fn, params = init_conv4(Conv4(ways=3, hidden=4, conv_impl=impl),
+                                      jax.random.key(4), (10, 10, 1))
+        params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params)
+        # nonzero BN shifts and conv biases so every parameter matters
+        params = jax.tree_util.tree_map(
+            lambda p: p + 0.1 * jax.random.normal(jax.random.key(p.size), p.shape, p.dtype), params)
+        batch = _batch(jax.random.key(5), tasks=2, ways=3, shots=2, query=2, size=10,
+                       dtype=jnp.float64)
+        maml = mj.MAML(apply_fn, mj.cross_entropy, inner=mj.InnerLoop(2, 0.4))
+        loss = jax.jit(lambda p: maml.meta_loss({"model": p}, batch)[0])
+        grad = jax.jit(jax.grad(lambda p: maml.meta_loss({"model": p}, batch)[0]))(params)
+        flat_g, unravel = jax.flatten_util.ravel_pytree(grad)
+        flat_p, _ = jax.flatten_util.ravel_pytree(params)
+        assert flat_g.dtype == jnp.float64
+        eps = 1e-6
+        for i in range(8):  # directional derivatives along random unit vectors
+            v = jax.random.normal(jax.random.key(100 + i), flat_p.shape, jnp.float64)
+            v = v / jnp.linalg.norm(v)
+            fd = (loss(unravel(flat_p + eps * v)) - loss(unravel(flat_p - eps * v))) / (2 * eps)
+            np.testing.assert_allclose(float(flat_g @ v), float(fd), rtol=1e-6, atol=1e-8)
+        # the conv bias before batch norm has exactly zero effect
+        assert _max_abs({k: v for k, v in grad.items() if k.endswith("conv0_bias")}) < 1e-10
+        # FOMAML differs from the second-order gradient here (so the check has teeth)
+        fo = mj.MAML(apply_fn, mj.cross_entropy, inner=mj.InnerLoop(2, 0.4, first_order=True))
+        g_fo = jax.jit(jax.grad(lambda p: fo.meta_loss({"model": p}, batch)[0]))(params)
+        assert _max_diff(g_fo, grad) > 1e-4
