@@ -8,6 +8,7 @@ meaningful. Each variant is ``conv_impl:task_map``:
              patches  im2col (strided slices + concat) + matmul (autodiff derivatives)
              fused    patches forward + hand-written conv/batch-norm/ReLU backward (custom_vjp)
   task_map   vmap | map | <int chunk size>
+  options    optional third field for fused: +materialize / -phase_dx (layers.FUSED_OPTIONS)
 
 Usage:
   python benchmarks/conv_paths.py                                  # config a, CPU candidates
@@ -47,11 +48,16 @@ def main(argv=None):
     cfg = CONFIGS[args.config]
     batch = make_batch(cfg, 0)
     variants = {}
+    from metajax.models import layers
+    defaults = dict(layers.FUSED_OPTIONS)
     for v in args.variants.split(","):
-        impl, tm = v.split(":")
+        impl, tm, *opts = v.split(":")
+        layers.FUSED_OPTIONS.update(defaults)
+        for o in opts:
+            layers.FUSED_OPTIONS[o[1:]] = o[0] == "+"
         step, state = build_step(cfg, impl, parse_task_map(tm))
         t0 = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
+        compiled = step.lower(state, batch).compile()  # options are read while tracing
         compile_s = time.perf_counter() - t0
         state, _ = compiled(state, batch)  # the train step donates its input state
         jax.block_until_ready(state)

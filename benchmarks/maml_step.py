@@ -82,6 +82,10 @@ def make_batch(cfg: dict, seed: int):
 
 
 def parse_task_map(value: str):
+    """``"auto"`` is ``"map"`` on CPU (fastest in benchmarks/conv_paths.py) and ``"vmap"`` elsewhere."""
+    if value == "auto":
+        import jax
+        return "map" if jax.default_backend() == "cpu" else "vmap"
     return value if value in ("vmap", "map") else int(value)
 
 
@@ -118,8 +122,16 @@ def run_child(spec: dict) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
+    if task_map != "vmap":
+        # XLA's cost analysis counts a while-loop body once, so count FLOPs on the vmap
+        # lowering of the same step (pre-optimisation HLO; no second compile needed).
+        vstep, vstate = build_step(cfg, spec["conv_impl"], "vmap", spec.get("remat", False))
+        cost = vstep.lower(vstate, batches[0]).cost_analysis()
+    else:
+        cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # NB: the inner loop is a lax.scan, also counted once: for inner_steps > 1 the XLA
+    # count is a lower bound; useful_gflops_per_s (the ../shared/bench count) is exact.
     xla_flops = float((cost or {}).get("flops", float("nan")))
     for i in range(spec["warmup"]):
         state, metrics = compiled(state, batches[i % 4])
@@ -137,7 +149,7 @@ def run_child(spec: dict) -> dict:
     return {
         "config": dict(name=name, **cfg),
         "conv_impl": resolve_conv_impl(spec["conv_impl"]),
-        "task_map": spec["task_map"],
+        "task_map": task_map,
         "tasks_per_s": cfg["meta_batch"] / sec,
         "seconds_per_step": sec,
         "seconds_min": float(np.min(times)),
@@ -166,7 +178,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     parser.add_argument("--conv-impl", default="auto", choices=["auto", "fused", "patches", "lax"])
-    parser.add_argument("--task-map", default="vmap", help="vmap, map or an int chunk size")
+    parser.add_argument("--task-map", default="auto",
+                        help="vmap, map, an int chunk size, or auto (map on CPU, vmap elsewhere)")
     parser.add_argument("--remat", action="store_true", help="jax.checkpoint each inner step")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)

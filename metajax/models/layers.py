@@ -47,6 +47,11 @@ import jax.numpy as jnp
 from jax import lax
 
 CONV_IMPLS = ("lax", "patches", "fused", "auto")
+# Trace-time switches of the fused path, kept so benchmarks/conv_paths.py can re-measure the
+# alternatives: "phase_dx" (sub-pixel input gradient for 3x3/2 convs, else dz @ W^T + col2im)
+# and "materialize" (an optimization barrier on each block's output, so XLA writes the
+# activation once instead of re-fusing batch norm + ReLU into every im2col slice).
+FUSED_OPTIONS = {"phase_dx": True, "materialize": False}
 
 
 def resolve_conv_impl(impl: str = "auto", backend: Optional[str] = None) -> str:
@@ -164,7 +169,7 @@ def _conv_input_grad(dz, kernel, x_shape, stride, padding):
     """
     kh, kw, cin, cout = kernel.shape
     n, h, w, _ = x_shape
-    if (kh, kw, stride, padding) == (3, 3, 2, 1):
+    if (kh, kw, stride, padding) == (3, 3, 2, 1) and FUSED_OPTIONS["phase_dx"]:
         ho, wo = dz.shape[1], dz.shape[2]
         dzp = jnp.pad(dz, ((0, 0), (0, 1), (0, 1), (0, 0)))
         shifted = jnp.concatenate(
@@ -201,6 +206,8 @@ def _fused_fwd(x, kernel, bias, scale, shift, stride, padding, eps):
     rstd = lax.rsqrt(jnp.mean(jnp.square(zc), axis=axes) + eps)
     zhat = zc * rstd
     y = jnp.maximum(zhat * scale + shift, 0.0)
+    if FUSED_OPTIONS["materialize"]:
+        y = lax.optimization_barrier(y)
     return y, (x, kernel, bias, scale, zhat, rstd, y)
 
 
