@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from metajax import TaskBatch, masked_mean
-from metajax.data import (ClassDataset, EpisodeConfigError, EpisodeSampler, class_prototypes,
+from metajax.data import (ClassDataset, EpisodeConfigError, EpisodeSampler,
                           class_splitter, normalize_images, sample_without_replacement)
+from metajax.algorithms.protonet import class_prototypes
 from metajax.data.episodes import EpisodeSpec
 
 
@@ -104,7 +105,7 @@ def test_imbalanced_masks_losses_and_prototypes():
     assert float(masked_mean(per_example, b.support_mask[0])) == 1.0
     # prototypes average only real support examples
     emb = jnp.asarray(b.support_inputs[0]).reshape(20, -1)
-    protos = class_prototypes(emb, b.support_targets[0], 4, b.support_mask[0])
+    protos, _ = class_prototypes(emb, b.support_targets[0], 4, b.support_mask[0])
     m = s_mask[0]
     expect = (x[0] * m[..., None]).sum(1) / m.sum(1)[:, None]
     np.testing.assert_allclose(protos, expect, rtol=1e-6)

@@ -3,7 +3,7 @@
 from metajax.data.sinusoid import (SinusoidParams, sample_sinusoid_params, sample_sinusoid_tasks,
                                    sinusoid_tasks_from_params)
 from metajax.data.class_dataset import ClassDataset
-from metajax.data.episodes import (EpisodeIndices, EpisodeSampler, EpisodeSpec, class_prototypes,
+from metajax.data.episodes import (EpisodeIndices, EpisodeSampler, EpisodeSpec,
                                    class_splitter, gather_episodes, normalize_images,
                                    pack_image_rows, sample_episode_indices, sample_episodes,
                                    sample_without_replacement)

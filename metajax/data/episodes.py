@@ -35,7 +35,7 @@ each task gets its own shot count, uniform in ``[min_shot, k_shot]``. Arrays
 keep the fixed ``k_shot`` slots per class; ``support_mask`` / ``query_mask``
 ``(T, N)`` float32 mark the real examples (1) and the unused slots (0), whose
 inputs are zeroed. The core's masked losses and accuracies and
-:func:`class_prototypes` honour the masks. Balanced batches have no masks
+:func:`metajax.algorithms.protonet.class_prototypes` honour the masks. Balanced batches have no masks
 (``None``).
 
 Example:
@@ -498,22 +498,3 @@ def class_splitter(dataset: ClassDataset, n_way: int, num_train_per_class: int,
     """
     return EpisodeSampler(dataset, n_way, num_train_per_class, num_test_per_class,
                           meta_batch_size, **kwargs)
-
-
-def class_prototypes(embeddings: jax.Array, labels: jax.Array, num_classes: int,
-                     mask: Optional[jax.Array] = None) -> jax.Array:
-    """Per-class mean of ``embeddings (N, D)`` over the examples ``mask (N,)`` keeps.
-
-    Classes with no kept example get a zero prototype.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> class_prototypes(jnp.array([[1.], [3.], [5.]]), jnp.array([0, 0, 1]), 2,
-      ...                  mask=jnp.array([1., 0., 1.])).tolist()
-      [[1.0], [5.0]]
-    """
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=embeddings.dtype)
-    if mask is not None:
-        onehot = onehot * mask.astype(embeddings.dtype)[:, None]
-    total = onehot.T @ embeddings
-    return total / jnp.maximum(onehot.sum(axis=0), 1.0)[:, None]
