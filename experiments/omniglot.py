@@ -47,8 +47,11 @@ class OmniglotConfig:
                                   choices=(None, *PRESETS))
     ways: int = field(5, "N: classes per task")
     train_ways: Optional[int] = field(None, "classes per meta-training task for protonet/matchingnet "
-                                      "(e.g. 60, as in the ProtoNet paper); default: --ways")
-    embedding_dim: int = field(64, "embedding width of protonet/matchingnet (Conv4 features -> linear)")
+                                      "(e.g. 60, as in the ProtoNet paper; default: --ways); for "
+                                      "baseline/baselinepp the classes per training group, each "
+                                      "with 2 examples (default 64)")
+    embedding_dim: int = field(0, "protonet/matchingnet: 0 embeds with the Conv4 features (64, no "
+                               "head, as in the papers); D > 0 adds a linear layer to D")
     full_context: bool = field(False, "matchingnet: full context embeddings (LSTMs)")
     shots: int = field(1, "K: support examples per class")
     query: int = field(15, "query examples per class (training and test)")
@@ -101,30 +104,47 @@ def build_samplers(config: OmniglotConfig, dataset) -> dict:
                                  seed=config.seed)
         batch = config.meta_batch if role == "train" else config.eval_batch
         ways = config.train_ways if role == "train" and config.train_ways else config.ways
+        shape = dict(k_shot=config.shots, n_query=config.query)
+        if role == "train" and config.algo in algorithm_names("classifier"):
+            # Supervised batches over all training classes, labelled with the class ids.
+            ways = config.train_ways or 64
+            shape = dict(k_shot=1, n_query=1, labels="dataset")
         # Raw uint8 pixels: a quarter of the bytes to write; the model scales them in-step.
-        samplers[role] = EpisodeSampler(classes, n_way=ways, k_shot=config.shots,
-                                        n_query=config.query, meta_batch_size=batch,
-                                        output_dtype="uint8")
+        samplers[role] = EpisodeSampler(classes, n_way=ways, meta_batch_size=batch,
+                                        output_dtype="uint8", **shape)
     return samplers
 
 
-def build_algorithm(config: OmniglotConfig, key):
+def build_algorithm(config: OmniglotConfig, key, num_train_classes: int):
     metric = config.algo in algorithm_names("metric")
-    if config.train_ways and not metric and config.train_ways != config.ways:
+    classifier = config.algo in algorithm_names("classifier")
+    if config.train_ways and not (metric or classifier) and config.train_ways != config.ways:
         raise ValueError(f"--train-ways differs from --ways, which only embedding learners "
-                         f"(protonet, matchingnet) allow; {config.algo} has a {config.ways}-way head.")
-    outputs = config.embedding_dim if metric else config.ways
+                         f"(protonet, matchingnet, baseline, baselinepp) allow; {config.algo} "
+                         f"has a {config.ways}-way head.")
+    if config.embedding_dim < 0:
+        raise ValueError(f"--embedding-dim must be >= 0, got {config.embedding_dim}.")
+    if classifier:
+        outputs = None
+    elif metric:
+        outputs = config.embedding_dim or None
+    else:
+        outputs = config.ways
     conv4, params = init_omniglot_conv4(key, ways=outputs, conv_impl=config.conv_impl,
                                         image_size=config.image_size)
     apply_fn = lambda p, x: conv4(p, normalize_images(x))
+    features = outputs or conv4.module.hidden
     inner = mj.InnerLoop(steps=config.inner_steps, learning_rate=config.inner_lr,
                          remat=config.remat)
     algorithm = make_algorithm(config.algo, apply_fn, mj.cross_entropy, params, inner,
                                metric_fns={"accuracy": mj.accuracy},
                                task_map=parse_task_map(config.task_map),
-                               full_context=config.full_context)
+                               full_context=config.full_context, num_classes=num_train_classes)
+    init_key = jax.random.fold_in(key, 1)
     if config.algo == "matchingnet" and config.full_context:
-        return algorithm, algorithm.init(params, embedding_dim=outputs, key=jax.random.fold_in(key, 1))
+        return algorithm, algorithm.init(params, embedding_dim=features, key=init_key)
+    if classifier:
+        return algorithm, algorithm.init(params, feature_dim=features, key=init_key)
     return algorithm, algorithm.init(params)
 
 
@@ -183,7 +203,8 @@ def train(config, algorithm, meta_params, samplers):
                                     jax.random.key(50_000 + done), config.val_tasks,
                                     config.eval_batch)
                 point = {"train_loss": float(np.mean([x["loss"] for x in m])),
-                         "train_accuracy": float(np.mean([x.get("query_accuracy", np.nan) for x in m])),
+                         "train_accuracy": float(np.mean([x.get("query_accuracy", x.get("train_accuracy", np.nan))
+                                                          for x in m])),
                          "val_accuracy": float(val["accuracy"][:, -1].mean()),
                          "seconds": elapsed_before + time.perf_counter() - t0}
                 curve["step"].append(done)
@@ -250,7 +271,8 @@ def main(argv=None) -> dict:
     dataset = load_omniglot(config.data_dir, image_size=config.image_size, cache_dir=config.cache_dir)
     samplers = build_samplers(config, dataset)
     load_s = time.perf_counter() - t0
-    algorithm, meta_params = build_algorithm(config, jax.random.key(config.seed))
+    algorithm, meta_params = build_algorithm(config, jax.random.key(config.seed),
+                                             samplers["train"].dataset.num_classes)
     state, curve, info = train(config, algorithm, meta_params, samplers)
     results = test(config, algorithm, state.params, samplers["test"])
     name = f"{config.ways}-way {config.shots}-shot {config.algo}"

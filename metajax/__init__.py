@@ -6,7 +6,7 @@ steps are single ``jax.jit`` calls.
 """
 
 from metajax import algorithms, core, data, models, training
-from metajax.algorithms import (ANIL, IMAML, MAML, MAMLPlusPlus, MatchingNet, MetaSGD,
+from metajax.algorithms import (ANIL, IMAML, ClassifierBaseline, MAML, MAMLPlusPlus, MatchingNet, MetaSGD,
                                 MultiTaskPretrain, ProtoNet, Reptile, cosine_adam)
 from metajax.core.masks import last_module_mask, mask_by_path
 from metajax.core import (Adaptation, InnerLoop, Task, TaskBatch, TaskBatchError, accuracy, adapt,

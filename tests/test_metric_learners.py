@@ -46,7 +46,8 @@ def test_matching_attention_sums_to_one_and_ignores_masked_slots():
     np.testing.assert_allclose(probs[:, :2].sum(axis=1), 1.0, rtol=1e-5)  # class 2 is masked out
 
 
-def _separable_tasks(key, tasks=16, ways=5, shots=2, query=4, dim=16, classes=40):
+def _separable_tasks(key, tasks=16, ways=5, shots=2, query=4, dim=16, classes=40,
+                     dataset_labels=False):
     """Classes differ only in 2 low-variance dimensions; the other 14 are loud noise.
 
     An untrained random projection mixes in the noise (near chance); a learned embedding
@@ -61,6 +62,8 @@ def _separable_tasks(key, tasks=16, ways=5, shots=2, query=4, dim=16, classes=40
     noise = jax.random.normal(k_noise, centres.shape[:2] + (dim,))
     x = jnp.concatenate([centres + 0.3 * noise[..., :2], 4.0 * noise[..., 2:]], axis=-1)
     y = jnp.tile(jnp.repeat(jnp.arange(ways), per_class), (tasks, 1))
+    if dataset_labels:  # the class ids, as EpisodeSampler(labels="dataset") gives them
+        y = jnp.repeat(chosen, per_class, axis=1)
     x = x.reshape(tasks, ways, per_class, dim)
     y = y.reshape(tasks, ways, per_class)
     flat = lambda a, lo, hi: a[:, :, lo:hi].reshape((tasks, -1) + a.shape[3:])

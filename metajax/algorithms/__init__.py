@@ -1,6 +1,7 @@
 """Meta-learning algorithms, each a thin layer over :mod:`metajax.core`."""
 
 from metajax.algorithms.anil import ANIL
+from metajax.algorithms.baseline import ClassifierBaseline, classifier_logits
 from metajax.algorithms.distillation import distillation_accuracy, distillation_loss
 from metajax.algorithms.imaml import IMAML
 from metajax.algorithms.maml import MAML, init_inner_rates

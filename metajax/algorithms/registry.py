@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from metajax.algorithms.anil import ANIL
+from metajax.algorithms.baseline import ClassifierBaseline
 from metajax.algorithms.imaml import IMAML
 from metajax.algorithms.maml import MAML
 from metajax.algorithms.maml_plus_plus import MAMLPlusPlus
@@ -41,7 +42,20 @@ METRIC_BASED: Mapping[str, Callable[..., Any]] = {
     "protonet": lambda apply_fn, loss_fn, params, inner, **kw: ProtoNet(apply_fn, loss_fn, **kw),
     "matchingnet": lambda apply_fn, loss_fn, params, inner, **kw: MatchingNet(apply_fn, loss_fn, **kw),
 }
-ALL = {**GRADIENT_BASED, **METRIC_BASED}
+
+
+def _classifier(kind: str):
+    def build(apply_fn, loss_fn, params, inner, **kw):
+        return ClassifierBaseline(apply_fn, loss_fn=loss_fn, classifier=kind, finetune=inner, **kw)
+    return build
+
+
+# Chen et al.'s baselines: ``apply_fn`` is the embedding network, ``inner`` fits the new head.
+CLASSIFIER_BASED: Mapping[str, Callable[..., Any]] = {
+    "baseline": _classifier("linear"),
+    "baselinepp": _classifier("cosine"),
+}
+ALL = {**GRADIENT_BASED, **METRIC_BASED, **CLASSIFIER_BASED}
 
 # Fields each algorithm accepts beyond (apply_fn, loss_fn, inner).
 _ACCEPTS = {
@@ -55,12 +69,16 @@ _ACCEPTS = {
     "pretrain": {"metric_fns", "task_map"},
     "protonet": {"task_map", "distance"},
     "matchingnet": {"task_map", "full_context"},
+    "baseline": {"metric_fns", "task_map", "num_classes"},
+    "baselinepp": {"metric_fns", "task_map", "num_classes"},
 }
 
 
 def algorithm_names(kind: str = "all") -> tuple[str, ...]:
-    """Names accepted by :func:`make_algorithm`: ``"all"``, ``"gradient"`` or ``"metric"``."""
-    return tuple({"all": ALL, "gradient": GRADIENT_BASED, "metric": METRIC_BASED}[kind])
+    """Names accepted by :func:`make_algorithm`: ``"all"``, ``"gradient"``, ``"metric"`` or
+    ``"classifier"`` (Chen et al.'s baselines)."""
+    return tuple({"all": ALL, "gradient": GRADIENT_BASED, "metric": METRIC_BASED,
+                  "classifier": CLASSIFIER_BASED}[kind])
 
 
 def make_algorithm(name: str, apply_fn, loss_fn, params: PyTree, inner: InnerLoop, **options):

@@ -76,8 +76,11 @@ def evaluate_adaptation(params: PyTree, batch: TaskBatch, *, apply_fn: ApplyFn, 
                         inner: InnerLoop, rates: Optional[PyTree] = None,
                         adapt_mask: Optional[PyTree] = None,
                         metric_fns: Optional[MetricFns] = None,
-                        task_map: TaskMap = "vmap") -> dict:
+                        task_map: TaskMap = "vmap", params_per_task: bool = False) -> dict:
     """Per-task query loss and metrics after 0, 1, ..., ``inner.steps`` inner steps.
+
+    With ``params_per_task`` every leaf of ``params`` has a leading task axis and task
+    ``i`` starts from its own slice (e.g. a head initialised from that task's support set).
 
     Returns:
       dict with ``"loss"`` and each metric name, arrays of shape ``(tasks, steps + 1)``
@@ -92,5 +95,8 @@ def evaluate_adaptation(params: PyTree, batch: TaskBatch, *, apply_fn: ApplyFn, 
                     adapt_mask=adapt_mask, metric_fns=metric_fns, track_query=True)
         return {"loss": out.query_loss, **out.query_metrics}
 
-    return map_over_tasks(per_task, (jax.lax.stop_gradient(params), rates), as_tasks(batch),
-                          task_map)
+    params = jax.lax.stop_gradient(params)
+    if params_per_task:
+        return map_over_tasks(lambda r, pt: per_task((pt[0], r), pt[1]), rates,
+                              (params, as_tasks(batch)), task_map)
+    return map_over_tasks(per_task, (params, rates), as_tasks(batch), task_map)

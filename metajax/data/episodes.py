@@ -315,7 +315,7 @@ def _gather_part(table: jax.Array, image_shape: tuple, num_examples: int,
 
 def _gather_table(table: jax.Array, image_shape: tuple, num_examples: int,
                   indices: EpisodeIndices, spec: EpisodeSpec, num_rotations: int, rotate: bool,
-                  output_dtype: str, mean, std) -> TaskBatch:
+                  output_dtype: str, mean, std, dataset_labels: bool = False) -> TaskBatch:
     t, n, k, q = spec.meta_batch_size, spec.n_way, spec.k_shot, spec.n_query
     masked = spec.imbalanced
     args = (masked, num_rotations, rotate, output_dtype, mean, std)
@@ -324,7 +324,10 @@ def _gather_table(table: jax.Array, image_shape: tuple, num_examples: int,
                                indices.support_shots, *args)
     q_x, q_mask = _gather_part(table, image_shape, num_examples, indices, k, k + q,
                                indices.query_shots, *args)
-    labels = jnp.arange(n, dtype=jnp.int32)[None, :, None]
+    if dataset_labels:  # the dataset's class ids, for classifiers over all classes
+        labels = indices.classes.astype(jnp.int32)[:, :, None]
+    else:
+        labels = jnp.arange(n, dtype=jnp.int32)[None, :, None]
     return TaskBatch(
         support_inputs=s_x, support_targets=jnp.broadcast_to(labels, (t, n, k)).reshape(t, n * k),
         query_inputs=q_x, query_targets=jnp.broadcast_to(labels, (t, n, q)).reshape(t, n * q),
@@ -380,10 +383,10 @@ def sample_episodes(key: jax.Array, images: jax.Array, counts: jax.Array, spec: 
 
 
 def _sample_table(key, table, counts, spec, image_shape, num_examples, num_rotations, rotate,
-                  output_dtype, mean, std) -> TaskBatch:
+                  output_dtype, mean, std, dataset_labels) -> TaskBatch:
     indices = sample_episode_indices(key, counts, spec, num_examples, num_rotations)
     return _gather_table(table, image_shape, num_examples, indices, spec, num_rotations, rotate,
-                         output_dtype, mean, std)
+                         output_dtype, mean, std, dataset_labels)
 
 
 def _sample_many(keys, table, counts, *static) -> TaskBatch:
@@ -420,6 +423,9 @@ class EpisodeSampler:
         dataset on the device (4x memory, faster) instead of rotating on the fly;
         default: store them when they take at most ``MATERIALIZE_ROTATIONS_MAX_BYTES``.
         Both give identical batches.
+      labels: ``"episode"`` (default): targets ``0..n_way-1`` in the order drawn;
+        ``"dataset"``: the dataset's class ids (rotation-augmented ids with rotations),
+        for training a classifier over all classes (:class:`metajax.ClassifierBaseline`).
       device: where the arrays live (default: JAX's default device).
 
     Raises:
@@ -442,7 +448,12 @@ class EpisodeSampler:
                  std: Union[None, float, Sequence[float]] = None,
                  output_dtype: str = "float32",
                  materialize_rotations: Optional[bool] = None,
+                 labels: str = "episode",
                  device: Optional[jax.Device] = None):
+        if labels not in ("episode", "dataset"):
+            raise ValueError(f"labels must be 'episode' (0..n_way-1 per task) or 'dataset' "
+                             f"(the dataset's class ids), got {labels!r}.")
+        self.labels = labels
         self.spec = EpisodeSpec(n_way, k_shot, n_query, meta_batch_size, min_shot, min_query)
         check_episode_spec(self.spec, dataset)
         self.dataset = dataset
@@ -461,9 +472,9 @@ class EpisodeSampler:
         self.counts = jax.device_put(dataset.counts, device)
         self._static = (self.spec, tuple(dataset.image_shape), dataset.max_examples,
                         self.num_rotations, not self.materialize_rotations, self.output_dtype,
-                        self.mean, self.std)
-        self._sample = jax.jit(_sample_table, static_argnums=tuple(range(3, 11)))
-        self._sample_many = jax.jit(_sample_many, static_argnums=tuple(range(3, 11)))
+                        self.mean, self.std, self.labels == "dataset")
+        self._sample = jax.jit(_sample_table, static_argnums=tuple(range(3, 12)))
+        self._sample_many = jax.jit(_sample_many, static_argnums=tuple(range(3, 12)))
         self._indices = jax.jit(sample_episode_indices, static_argnums=(2, 3, 4))
 
     def __call__(self, key: jax.Array) -> TaskBatch:

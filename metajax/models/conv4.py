@@ -31,11 +31,14 @@ Example:
   >>> apply_fn, params = init_omniglot_conv4(jax.random.key(0), ways=5)
   >>> apply_fn(params, jnp.zeros((10, 28, 28, 1))).shape
   (10, 5)
+  >>> embed_fn, body = init_omniglot_conv4(jax.random.key(0), ways=None)  # no head
+  >>> embed_fn(body, jnp.zeros((10, 28, 28, 1))).shape
+  (10, 64)
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -53,7 +56,9 @@ class Conv4(nn.Module):
     """Four conv -> batch-norm -> ReLU blocks and a linear head.
 
     Attributes:
-      ways: number of output classes.
+      ways: number of output classes; ``None``: no head, the network returns its features
+        (64 per example for Omniglot, 800 for mini-ImageNet), the embedding of
+        Prototypical/Matching networks and of the classifier baselines.
       hidden: filters per conv layer (64 for Omniglot, 32 for mini-ImageNet).
       layers: number of conv blocks.
       max_pool: ``False``: stride-2 convs and a spatial mean before the head (Omniglot).
@@ -62,7 +67,7 @@ class Conv4(nn.Module):
       bn_eps: batch-norm epsilon (PyTorch's default 1e-5).
     """
 
-    ways: int = 5
+    ways: Optional[int] = 5
     hidden: int = 64
     layers: int = 4
     max_pool: bool = False
@@ -89,12 +94,14 @@ class Conv4(nn.Module):
             x = x.reshape(x.shape[0], -1)
         else:
             x = jnp.mean(x, axis=(1, 2))
+        if self.ways is None:
+            return x
         kernel = self.param("head_kernel", nn.initializers.normal(1.0), (x.shape[-1], self.ways))
         bias = self.param("head_bias", nn.initializers.zeros, (self.ways,))
         return x @ kernel + bias
 
 
-def init_omniglot_conv4(key: jax.Array, ways: int = 5, hidden: int = 64,
+def init_omniglot_conv4(key: jax.Array, ways: Optional[int] = 5, hidden: int = 64,
                         conv_impl: str = "auto", image_size: int = 28,
                         channels: int = 1) -> tuple[FunctionalModel, Any]:
     """learn2learn's ``OmniglotCNN`` as ``(apply_fn, params)`` (inputs ``(N, 28, 28, 1)``)."""
@@ -102,7 +109,7 @@ def init_omniglot_conv4(key: jax.Array, ways: int = 5, hidden: int = 64,
     return init_conv4(module, key, (image_size, image_size, channels))
 
 
-def init_miniimagenet_conv4(key: jax.Array, ways: int = 5, hidden: int = 32,
+def init_miniimagenet_conv4(key: jax.Array, ways: Optional[int] = 5, hidden: int = 32,
                             conv_impl: str = "auto", image_size: int = 84,
                             channels: int = 3) -> tuple[FunctionalModel, Any]:
     """learn2learn's ``MiniImagenetCNN`` as ``(apply_fn, params)`` (inputs ``(N, 84, 84, 3)``)."""
