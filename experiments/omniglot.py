@@ -60,12 +60,18 @@ class OmniglotConfig:
     inner_lr: float = field(0.4, "inner step size")
     meta_batch: int = field(32, "tasks per meta-batch")
     meta_lr: float = field(1e-3, "Adam step size of the outer loop")
+    lr_halve_every: int = field(0, "halve the outer step size every N iterations (the ProtoNet "
+                                "paper: 2000); 0 keeps it constant")
+    init_from: Optional[str] = field(None, "start from the newest checkpoint of another run directory "
+                                     "(same algorithm and network); with --iterations 0 this "
+                                     "only evaluates it, e.g. a 60-way ProtoNet at 20 ways")
     iterations: int = field(60_000, "meta-training iterations (upper bound with --budget-minutes)")
     budget_minutes: Optional[float] = field(None, "stop training after this many minutes")
     split: str = field("vinyals", "class split: vinyals (1028/172/423), lake (964/659) or maml",
                        choices=("vinyals", "lake", "maml"))
     rotations: bool = field(True, "rotations by 90/180/270 degrees as new classes")
     image_size: int = field(28, "image side in pixels")
+    hidden: int = field(64, "conv filters per Conv4 layer (64 in the papers)")
     data_dir: Optional[str] = field(None, "Omniglot folder or data root (default: $METAJAX_DATA)")
     cache_dir: Optional[str] = field(None, "where the decoded-image cache lives (default: see load_omniglot)")
     eval_tasks: int = field(600, "meta-test tasks")
@@ -130,8 +136,8 @@ def build_algorithm(config: OmniglotConfig, key, num_train_classes: int):
         outputs = config.embedding_dim or None
     else:
         outputs = config.ways
-    conv4, params = init_omniglot_conv4(key, ways=outputs, conv_impl=config.conv_impl,
-                                        image_size=config.image_size)
+    conv4, params = init_omniglot_conv4(key, ways=outputs, hidden=config.hidden,
+                                        conv_impl=config.conv_impl, image_size=config.image_size)
     apply_fn = lambda p, x: conv4(p, normalize_images(x))
     features = outputs or conv4.module.hidden
     inner = mj.InnerLoop(steps=config.inner_steps, learning_rate=config.inner_lr,
@@ -163,11 +169,42 @@ def curve_from_log(run_dir: str) -> dict:
     return curve
 
 
+def meta_lr_schedule(config: OmniglotConfig):
+    if config.lr_halve_every < 0:
+        raise ValueError(f"--lr-halve-every must be >= 0, got {config.lr_halve_every}.")
+    if config.lr_halve_every == 0:
+        return config.meta_lr
+    return optax.exponential_decay(config.meta_lr, config.lr_halve_every, 0.5, staircase=True)
+
+
+def params_from_run(run_dir: str, template) -> dict:
+    """The parameters of the newest good checkpoint in ``run_dir/checkpoints``."""
+    directory = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"--init-from {run_dir}: no checkpoints folder {directory}; give "
+                                f"the --out directory of a finished run with checkpoints.")
+    checkpointer = Checkpointer(directory)
+    try:
+        restored = checkpointer.restore(template)
+    except Exception as err:  # orbax reports a structure mismatch in its own terms
+        raise ValueError(f"--init-from {run_dir}: its checkpoint does not fit this network "
+                         f"({type(err).__name__}: {err}); use the same --algo, --embedding-dim, "
+                         f"--hidden and --lr-halve-every as that run.") from err
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"--init-from {run_dir}: no usable checkpoint in {directory}.")
+    print(f"initialised from {directory} (iteration {restored.step})", flush=True)
+    return restored.state.params
+
+
 def train(config, algorithm, meta_params, samplers):
     from tqdm.auto import tqdm
 
-    optimizer = optax.adam(config.meta_lr)
+    optimizer = optax.adam(meta_lr_schedule(config))
     state = mj.create_train_state(meta_params, optimizer, jax.random.key(config.seed))
+    if config.init_from:
+        state = state.replace(params=params_from_run(config.init_from, state))
     checkpointer = None
     if config.checkpoint_every > 0:
         checkpointer = Checkpointer(os.path.join(config.out, "checkpoints"),

@@ -41,11 +41,15 @@ class MetricLearner:
       embed_fn: the embedding network ``embed_fn(params, inputs) -> (N, D)``.
       loss_fn: per-example loss on the query logits (default cross-entropy).
       task_map: how tasks are batched (``"vmap"``, ``"map"`` or a chunk size).
+      accuracy_fn: per-example accuracy of query logits against the query targets; set it
+        with a loss over pytree targets, e.g. ``distillation_loss`` with
+        ``distillation_accuracy`` (the support targets stay plain labels).
     """
 
     embed_fn: Callable[[PyTree, PyTree], jax.Array]
     loss_fn: LossFn = cross_entropy
     task_map: TaskMap = "vmap"
+    accuracy_fn: Callable[[jax.Array, PyTree], jax.Array] = accuracy
 
     def init(self, params: PyTree) -> dict:
         return {"model": params}
@@ -64,7 +68,7 @@ class MetricLearner:
     def task_loss(self, meta_params: dict, task: Task) -> tuple[jax.Array, dict]:
         logits = self.task_logits(meta_params, task)
         loss = masked_mean(self.loss_fn(logits, task.query_targets), task.query_mask)
-        acc = masked_mean(accuracy(logits, task.query_targets), task.query_mask)
+        acc = masked_mean(self.accuracy_fn(logits, task.query_targets), task.query_mask)
         return loss, {"query_loss": loss, "query_accuracy": acc}
 
     def meta_loss(self, meta_params: dict, batch: TaskBatch,
