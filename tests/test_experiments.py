@@ -66,18 +66,47 @@ def test_omniglot_experiment_trains_checkpoints_and_resumes(tmp_path, omniglot_r
     assert on_disk["experiment"] == "omniglot" and (out / "learning_curve.png").exists()
 
 
-def test_omniglot_experiment_runs_protonet_with_more_training_ways(tmp_path, omniglot_root,
-                                                                   omniglot_full, omniglot_cache_dir):
+def test_omniglot_embedding_learners_baselines_init_from_and_distillation(
+        tmp_path, omniglot_root, omniglot_full, omniglot_cache_dir):
     omniglot = _load("omniglot")
+    data = ["--data-dir", str(omniglot_root), "--cache-dir", str(omniglot_cache_dir), "--split", "lake",
+            "--no-progress", "--no-tensorboard"]
+    small = ["--shots", "1", "--query", "2", "--meta-batch", "2", "--eval-tasks", "20",
+             "--eval-batch", "10", "--val-tasks", "10", "--eval-every", "2"]
     metrics = omniglot.main(
-        ["--algo", "protonet", "--ways", "5", "--train-ways", "10", "--shots", "1", "--query", "2",
-         "--meta-batch", "2", "--iterations", "2", "--eval-tasks", "20", "--eval-batch", "10",
-         "--val-tasks", "10", "--eval-every", "2", "--checkpoint-every", "0", "--split", "lake",
-         "--data-dir", str(omniglot_root), "--cache-dir", str(omniglot_cache_dir),
-         "--out", str(tmp_path / "proto"), "--no-progress", "--no-tensorboard"])
+        ["--algo", "protonet", "--ways", "5", "--train-ways", "10", "--iterations", "2",
+         "--checkpoint-every", "2", "--out", str(tmp_path / "proto")] + small + data)
     result = metrics["results"]["protonet"]
     assert set(result["accuracy"]) == {"0"}  # no inner loop: one column
     assert result["test_accuracy"] > 0.2  # even 2 steps of training beat 5-way chance on Omniglot
     with pytest.raises(ValueError, match="only embedding learners"):
-        omniglot.main(["--algo", "maml", "--ways", "5", "--train-ways", "10", "--out", str(tmp_path / "x"),
-                       "--data-dir", str(omniglot_root), "--cache-dir", str(omniglot_cache_dir)])
+        omniglot.main(["--algo", "maml", "--ways", "5", "--train-ways", "10", "--out", str(tmp_path / "x")]
+                      + data)
+
+    # The same network evaluated at 20 ways, without training.
+    twenty = omniglot.main(["--algo", "protonet", "--ways", "20", "--iterations", "0",
+                            "--init-from", str(tmp_path / "proto"), "--checkpoint-every", "0",
+                            "--out", str(tmp_path / "proto20")] + small + data)
+    assert twenty["training"]["iterations_done"] == 0
+    assert 0.05 < twenty["results"]["protonet"]["test_accuracy"] < result["test_accuracy"]
+    with pytest.raises(FileNotFoundError, match="no checkpoints folder"):
+        omniglot.main(["--algo", "protonet", "--init-from", str(tmp_path / "nowhere"),
+                       "--out", str(tmp_path / "y")] + data)
+
+    # Baseline++: classifier over all training classes, a cosine head fitted per test task.
+    plus = omniglot.main(["--algo", "baselinepp", "--ways", "5", "--train-ways", "16",
+                          "--iterations", "2", "--eval-inner-steps", "5", "--inner-lr", "0.1",
+                          "--checkpoint-every", "0", "--out", str(tmp_path / "bpp")] + small + data)
+    assert set(plus["results"]["baselinepp"]["accuracy"]) == {str(s) for s in range(6)}
+    assert plus["results"]["baselinepp"]["test_accuracy"] > 0.2
+
+    # Distillation of the ProtoNet into a 16-filter student.
+    distill = _load("distill")
+    out = distill.main(["--teacher", str(tmp_path / "proto"), "--ways", "5", "--train-ways", "10",
+                        "--iterations", "2", "--checkpoint-every", "0",
+                        "--out", str(tmp_path / "distill")] + small + data)
+    assert out["parameters"]["student"] < out["parameters"]["teacher"] / 8
+    assert out["results"]["teacher"]["test_accuracy"] == pytest.approx(result["test_accuracy"])
+    assert 0.0 < out["results"]["student"]["test_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="distillation here takes an embedding learner"):
+        distill.main(["--teacher", str(tmp_path / "bpp"), "--out", str(tmp_path / "z")] + data)

@@ -33,6 +33,12 @@ def support_class_mask(labels: jax.Array, num_slots: int,
     return onehot, onehot.sum(axis=0) > 0
 
 
+def hard_labels(targets: PyTree) -> jax.Array:
+    """The class labels of targets: the array itself, or the ``"labels"`` entry of pytree
+    targets such as distillation's ``{"labels", "teacher_logits"}``."""
+    return targets["labels"] if isinstance(targets, dict) else targets
+
+
 @dataclasses.dataclass(frozen=True)
 class MetricLearner:
     """Base: subclasses define :meth:`logits` (and may add parameters in :meth:`init`).
@@ -43,7 +49,8 @@ class MetricLearner:
       task_map: how tasks are batched (``"vmap"``, ``"map"`` or a chunk size).
       accuracy_fn: per-example accuracy of query logits against the query targets; set it
         with a loss over pytree targets, e.g. ``distillation_loss`` with
-        ``distillation_accuracy`` (the support targets stay plain labels).
+        ``distillation_accuracy`` (prototypes/attention use the ``"labels"`` entry of
+        pytree support targets, see :func:`hard_labels`).
     """
 
     embed_fn: Callable[[PyTree, PyTree], jax.Array]
@@ -62,7 +69,7 @@ class MetricLearner:
         """Query logits of one task, shape ``(N_query, N_support)``: one column per label value
         a support example could carry; absent classes get ``-inf``-like logits."""
         embed = lambda x: self.embed_fn(meta_params["model"], x)
-        return self.logits(meta_params, embed(task.support_inputs), task.support_targets,
+        return self.logits(meta_params, embed(task.support_inputs), hard_labels(task.support_targets),
                            task.support_mask, embed(task.query_inputs))
 
     def task_loss(self, meta_params: dict, task: Task) -> tuple[jax.Array, dict]:
