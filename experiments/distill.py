@@ -33,11 +33,11 @@ import metajax as mj
 from metajax.algorithms import algorithm_names, distillation_accuracy, distillation_loss
 from metajax.core.tasks import TaskBatch, as_tasks
 from metajax.data import load_omniglot
-from metajax.training.config import field, parse_config, save_config, write_json_atomic
+from metajax.training.config import field, parse_config, save_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from omniglot import (OmniglotConfig, build_algorithm, build_samplers, meta_lr_schedule,  # noqa: E402
-                      params_from_run, plot_curve, resolve, test, train)
+                      params_from_run, resolve, test, train, write_run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,15 +128,8 @@ def main(argv=None) -> dict:
     for who in ("teacher", "student"):
         r = results[who]
         print(f"  {who}: {100 * r['test_accuracy']:.2f} +- {100 * r['test_ci95']:.2f} %")
-    metrics = {"experiment": "distill", "config": dataclasses.asdict(config),
-               "teacher_config": dataclasses.asdict(teacher_config), "parameters": sizes,
-               "results": results,
-               "training": {**info, "curve": curve, "data_load_seconds": load_s},
-               "environment": {"jax": jax.__version__, "backend": jax.default_backend()}}
-    write_json_atomic(os.path.join(config.out, "metrics.json"), metrics)
-    plot_curve(curve, os.path.join(config.out, "learning_curve.png"), name)
-    print(f"wrote {config.out}/metrics.json and {config.out}/learning_curve.png")
-    return metrics
+    return write_run("distill", config, results, info, curve, load_s, name,
+                     teacher_config=dataclasses.asdict(teacher_config), parameters=sizes)
 
 
 if __name__ == "__main__":

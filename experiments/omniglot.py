@@ -318,12 +318,17 @@ def main(argv=None) -> dict:
           f"test accuracy over {config.eval_tasks} tasks after each inner step:")
     for s, acc in results["accuracy"].items():
         print(f"  step {s}: {100 * acc:.2f} +- {100 * results['ci95'][s]:.2f} %")
-    metrics = {"experiment": "omniglot", "config": dataclasses.asdict(config),
-               "results": {config.algo: results}, "training": {**info, "curve": curve,
-                                                               "data_load_seconds": load_s},
+    return write_run("omniglot", config, {config.algo: results}, info, curve, load_s, name)
+
+
+def write_run(experiment: str, config, results: dict, info: dict, curve: dict, load_s: float,
+              title: str, **extra) -> dict:
+    """Writes ``metrics.json`` (the shared shape) and ``learning_curve.png``; returns the metrics."""
+    metrics = {"experiment": experiment, "config": dataclasses.asdict(config), **extra,
+               "results": results, "training": {**info, "curve": curve, "data_load_seconds": load_s},
                "environment": {"jax": jax.__version__, "backend": jax.default_backend()}}
     write_json_atomic(os.path.join(config.out, "metrics.json"), metrics)
-    plot_curve(curve, os.path.join(config.out, "learning_curve.png"), name)
+    plot_curve(curve, os.path.join(config.out, "learning_curve.png"), title)
     print(f"wrote {config.out}/metrics.json and {config.out}/learning_curve.png")
     return metrics
 
