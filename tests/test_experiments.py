@@ -110,3 +110,28 @@ def test_omniglot_embedding_learners_baselines_init_from_and_distillation(
     assert 0.0 < out["results"]["student"]["test_accuracy"] <= 1.0
     with pytest.raises(ValueError, match="distillation here takes an embedding learner"):
         distill.main(["--teacher", str(tmp_path / "bpp"), "--out", str(tmp_path / "z")] + data)
+
+
+def test_results_table_rows_commands_and_readme_block(tmp_path):
+    table = _load("results_table")
+    config = {"algo": "protonet", "ways": 20, "shots": 1, "train_ways": 60, "split": "vinyals",
+              "rotations": True, "budget_minutes": 30.0, "out": "runs/p", "data_dir": "/somewhere"}
+    metrics = {"experiment": "omniglot", "config": config,
+               "results": {"protonet": {"test_accuracy": 0.9612, "test_ci95": 0.0031}},
+               "training": {"iterations_done": 6000, "train_seconds": 1800.0}}
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(metrics))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
+    body = table.main([str(path), "--readme", str(readme)])
+    row = body.splitlines()[2]
+    assert "| ProtoNet | Omniglot 20-way 1-shot | vinyals + rot | 96.12 ± 0.31 | 96.0 (Snell" in row
+    assert "6,000 it, 30 min" in row
+    # Flags that differ from the defaults, and not the machine-specific data path.
+    assert ("python experiments/omniglot.py --algo protonet --ways 20 --train-ways 60 "
+            "--budget-minutes 30.0 --out runs/p`") in row and "somewhere" not in row
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- results:start -->\n| method") and "old" not in text
+    assert text.endswith("<!-- results:end -->\ntail\n")
+    with pytest.raises(FileNotFoundError, match="no such metrics.json"):
+        table.main([str(tmp_path / "missing.json")])
