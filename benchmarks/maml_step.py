@@ -83,10 +83,8 @@ def make_batch(cfg: dict, seed: int):
 
 def parse_task_map(value: str):
     """``"auto"`` is ``"map"`` on CPU (fastest in benchmarks/conv_paths.py) and ``"vmap"`` elsewhere."""
-    if value == "auto":
-        import jax
-        return "map" if jax.default_backend() == "cpu" else "vmap"
-    return value if value in ("vmap", "map") else int(value)
+    from metajax.core.task_map import resolve_task_map
+    return resolve_task_map(value)
 
 
 def build_step(cfg: dict, conv_impl: str, task_map, remat: bool = False):

@@ -25,6 +25,7 @@ import optax
 
 import metajax as mj
 from metajax.algorithms import algorithm_names, make_algorithm
+from metajax.core.task_map import resolve_task_map
 from metajax.data import EpisodeSampler, load_omniglot, normalize_images, omniglot_split
 from metajax.models.conv4 import init_omniglot_conv4
 from metajax.training.checkpoint import Checkpointer
@@ -53,6 +54,9 @@ class OmniglotConfig:
     embedding_dim: int = field(0, "protonet/matchingnet: 0 embeds with the Conv4 features (64, no "
                                "head, as in the papers); D > 0 adds a linear layer to D")
     full_context: bool = field(False, "matchingnet: full context embeddings (LSTMs)")
+    attention_scale: float = field(1.0, "matchingnet: scale of the cosine similarities before the "
+                                   "attention softmax (1 in the paper; ReLU features keep cosines "
+                                   "in [0, 1], so a larger scale sharpens the attention)")
     shots: int = field(1, "K: support examples per class")
     query: int = field(15, "query examples per class (training and test)")
     inner_steps: int = field(1, "inner steps at meta-training")
@@ -80,7 +84,8 @@ class OmniglotConfig:
     val_tasks: int = field(100, "tasks per validation point")
     conv_impl: str = field("auto", "convolution implementation: auto, patches or lax",
                            choices=("auto", "patches", "lax"))
-    task_map: str = field("vmap", "tasks in a meta-batch: vmap, map, or a chunk size")
+    task_map: str = field("auto", "tasks in a meta-batch: vmap, map, a chunk size, or auto "
+                          "(map on CPU, vmap on accelerators)")
     remat: bool = field(False, "rematerialise inner steps (flat memory in the number of steps)")
     out: str = field("runs/omniglot", "run directory")
     checkpoint_every: int = field(500, "checkpoint every N iterations (0: never)")
@@ -95,10 +100,6 @@ def resolve(config: OmniglotConfig) -> OmniglotConfig:
     if config.preset is None:
         return config
     return dataclasses.replace(config, **PRESETS[config.preset])
-
-
-def parse_task_map(value: str):
-    return int(value) if value.isdigit() else value
 
 
 def build_samplers(config: OmniglotConfig, dataset) -> dict:
@@ -144,8 +145,9 @@ def build_algorithm(config: OmniglotConfig, key, num_train_classes: int):
                          remat=config.remat)
     algorithm = make_algorithm(config.algo, apply_fn, mj.cross_entropy, params, inner,
                                metric_fns={"accuracy": mj.accuracy},
-                               task_map=parse_task_map(config.task_map),
-                               full_context=config.full_context, num_classes=num_train_classes)
+                               task_map=resolve_task_map(config.task_map),
+                               full_context=config.full_context, num_classes=num_train_classes,
+                               scale=config.attention_scale)
     init_key = jax.random.fold_in(key, 1)
     if config.algo == "matchingnet" and config.full_context:
         return algorithm, algorithm.init(params, embedding_dim=features, key=init_key)

@@ -68,7 +68,7 @@ _ACCEPTS = {
     "imaml": {"metric_fns", "task_map", "lam", "cg_steps"},
     "pretrain": {"metric_fns", "task_map"},
     "protonet": {"task_map", "distance"},
-    "matchingnet": {"task_map", "full_context"},
+    "matchingnet": {"task_map", "full_context", "scale"},
     "baseline": {"metric_fns", "task_map", "num_classes"},
     "baselinepp": {"metric_fns", "task_map", "num_classes"},
 }

@@ -3,5 +3,5 @@
 from metajax.core.inner_loop import Adaptation, InnerLoop, adapt, task_loss_and_metrics
 from metajax.core.losses import accuracy, cross_entropy, masked_mean, mse
 from metajax.core.meta_objective import adapted_task_loss, evaluate_adaptation, meta_batch_loss
-from metajax.core.task_map import map_over_tasks
+from metajax.core.task_map import map_over_tasks, resolve_task_map
 from metajax.core.tasks import Task, TaskBatch, TaskBatchError, task_at, validate_task_batch
