@@ -87,6 +87,7 @@ class OmniglotConfig:
     task_map: str = field("auto", "tasks in a meta-batch: vmap, map, a chunk size, or auto "
                           "(map on CPU, vmap on accelerators)")
     remat: bool = field(False, "rematerialise inner steps (flat memory in the number of steps)")
+    per_step_bn: bool = field(False, "mamlpp: per-step batch-norm weights and biases (BNWB)")
     out: str = field("runs/omniglot", "run directory")
     checkpoint_every: int = field(500, "checkpoint every N iterations (0: never)")
     keep_checkpoints: int = field(3, "how many recent checkpoints to keep")
@@ -147,7 +148,7 @@ def build_algorithm(config: OmniglotConfig, key, num_train_classes: int):
                                metric_fns={"accuracy": mj.accuracy},
                                task_map=resolve_task_map(config.task_map),
                                full_context=config.full_context, num_classes=num_train_classes,
-                               scale=config.attention_scale)
+                               scale=config.attention_scale, per_step_bn=config.per_step_bn)
     init_key = jax.random.fold_in(key, 1)
     if config.algo == "matchingnet" and config.full_context:
         return algorithm, algorithm.init(params, embedding_dim=features, key=init_key)

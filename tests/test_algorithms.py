@@ -1,5 +1,7 @@
 """The gradient-based family on the one inner loop: MAML++, Meta-SGD, ANIL, Reptile, iMAML."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,46 @@ def test_maml_plus_plus_with_constant_lslr_and_no_msl_equals_maml():
     g_mpp = _grad(mpp, meta, batch, step=7)["model"]
     g_maml = _grad(maml, maml.init(params), batch)["model"]
     chex.assert_trees_all_close(g_mpp, g_maml, rtol=1e-6, atol=1e-7)
+
+
+def _bn_mlp_apply(params, x):
+    """An MLP with a batch-norm-like affine layer (scale/shift named like Conv4's)."""
+    h = x @ params["Dense_0"]["w"] + params["Dense_0"]["b"]
+    h = jnp.tanh(h * params["bn0_scale"] + params["bn0_bias"])
+    return h @ params["Dense_1"]["w"] + params["Dense_1"]["b"]
+
+
+def _bn_params(key):
+    return {**_params(key), "bn0_scale": jnp.linspace(0.5, 1.5, 8), "bn0_bias": jnp.zeros((8,))}
+
+
+def test_maml_plus_plus_per_step_bn_weights():
+    params, batch = _bn_params(jax.random.key(0)), _batch(jax.random.key(1))
+    inner = mj.InnerLoop(steps=2, learning_rate=0.05)
+    mpp = mj.MAMLPlusPlus(_bn_mlp_apply, mj.mse, inner=inner, msl_anneal_steps=None,
+                          learn_inner_rates=None, per_step_bn=True)
+    meta = mpp.init(params)
+    assert meta["model"]["bn0_scale"].shape == (2, 8) and meta["model"]["Dense_0"]["w"].shape == (1, 8)
+    # Identical copies: exactly MAML with batch norm frozen in the inner loop.
+    frozen_bn = mj.mask_by_path(params, lambda path: "bn" not in path[0])
+    maml = mj.MAML(_bn_mlp_apply, mj.mse, inner=inner, adapt_mask=frozen_bn)
+    np.testing.assert_allclose(mpp.meta_loss(meta, batch)[0], maml.meta_loss({"model": params}, batch)[0],
+                               rtol=1e-6)
+    g = _grad(mpp, meta, batch)["model"]
+    g_maml = _grad(maml, {"model": params}, batch)["model"]
+    # Each step's copy gets its own meta-gradient; together they are the shared leaf's.
+    chex.assert_trees_all_close(g["bn0_scale"].sum(0), g_maml["bn0_scale"], rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(g["bn0_scale"][0]).sum()) > 0 and float(jnp.abs(g["bn0_scale"][1]).sum()) > 0
+    assert not np.allclose(g["bn0_scale"][0], g["bn0_scale"][1])
+    # First order: copy 0 only shapes the support gradient of step 1, which is not differentiated.
+    fo = mj.MAMLPlusPlus(_bn_mlp_apply, mj.mse, inner=dataclasses.replace(inner, first_order=True),
+                         msl_anneal_steps=None, learn_inner_rates=None, per_step_bn=True)
+    np.testing.assert_array_equal(_grad(fo, meta, batch)["model"]["bn0_scale"][0], 0.0)
+    # Evaluating with more steps than trained reuses the last copy.
+    out = mpp.evaluate(meta, batch, steps=4)
+    assert out["loss"].shape == (3, 5) and bool(jnp.all(jnp.isfinite(out["loss"])))
+    with pytest.raises(ValueError, match="no parameter path matches"):
+        mj.MAMLPlusPlus(_mlp_apply, mj.mse, inner=inner, per_step_bn=True).init(_params(jax.random.key(0)))
 
 
 def test_multi_step_loss_weights_anneal_towards_the_last_step():

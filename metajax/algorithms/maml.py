@@ -102,21 +102,31 @@ class MAML:
                 params, self.learn_inner_rates, self.inner.learning_rate, self.inner.steps)
         return meta_params
 
-    def _kwargs(self) -> dict:
+    def _per_step_mask(self, params: PyTree) -> Optional[PyTree]:
+        """Which model leaves are per-step parameters (none for MAML; see MAML++)."""
+        del params
+        return None
+
+    def _kwargs(self, params: PyTree) -> dict:
+        per_step = self._per_step_mask(params)
+        adapt_mask = self.adapt_mask
+        if per_step is not None and adapt_mask is not None:  # per-step leaves never adapt
+            adapt_mask = jax.tree_util.tree_map(lambda a, f: a and not f, adapt_mask, per_step)
         return dict(apply_fn=self.apply_fn, loss_fn=self.loss_fn, inner=self.inner,
-                    adapt_mask=self.adapt_mask, metric_fns=self.metric_fns)
+                    adapt_mask=adapt_mask, metric_fns=self.metric_fns, per_step_mask=per_step)
 
     def adapt(self, meta_params: dict, task: Task, *, track_query: bool = False) -> Adaptation:
         """Adapts the model to one task (no task axis)."""
         return adapt(meta_params["model"], task, rates=meta_params.get("inner_rates"),
-                     track_query=track_query, **self._kwargs())
+                     track_query=track_query, **self._kwargs(meta_params["model"]))
 
     def meta_loss(self, meta_params: dict, batch: TaskBatch,
                   rng: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
         """Mean post-adaptation query loss over the batch; ``jax.grad`` of it is the meta-gradient."""
         del rng  # MAML is deterministic given the batch.
         return meta_batch_loss(meta_params["model"], batch, task_map=self.task_map,
-                               rates=meta_params.get("inner_rates"), **self._kwargs())
+                               rates=meta_params.get("inner_rates"),
+                               **self._kwargs(meta_params["model"]))
 
     def evaluate(self, meta_params: dict, batch: TaskBatch, *, steps: Optional[int] = None,
                  learning_rate: Optional[float] = None) -> dict:
@@ -125,7 +135,7 @@ class MAML:
         rates = meta_params.get("inner_rates")
         if rates is not None and inner.rates_per_step and inner.steps != self.inner.steps:
             rates = resize_per_step_rates(rates, inner.steps)
-        kwargs = self._kwargs()
+        kwargs = self._kwargs(meta_params["model"])
         kwargs["inner"] = inner
         return evaluate_adaptation(meta_params["model"], batch, task_map=self.task_map,
                                    rates=rates, **kwargs)

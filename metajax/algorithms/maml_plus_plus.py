@@ -9,22 +9,38 @@
   ``lax.cond`` on the train step, so switching does not recompile.
 * **Cosine annealing** of the meta learning rate: :func:`cosine_adam`.
 
-The per-step batch-norm statistics and weights of the paper are a property of the
-backbone, not of the algorithm, and are not implemented here yet.
+* **Per-step batch-norm weights and biases (BNWB)**: with ``per_step_bn=True``, :meth:`init`
+  gives every batch-norm scale/shift (model leaves whose path has a key containing
+  ``"bn"``; ``per_step_filter`` changes the rule) a leading axis of ``inner.steps`` copies.
+  Inner step ``i`` and the query loss after it use copy ``i``; the copies are meta-learned,
+  not adapted in the inner loop (as in the paper's code). Evaluating with more steps than
+  were trained reuses the last copy.
+
+Per-step batch-norm *running statistics* (BNRS) are not implemented: this library's batch
+norm always normalises with the current batch's statistics (see :mod:`metajax.models.conv4`),
+so there are no running statistics to keep per step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from metajax.algorithms.maml import MAML
+from metajax.core.masks import mask_by_path
 from metajax.core.meta_objective import meta_batch_loss
 from metajax.core.tasks import TaskBatch
+
+
+PyTree = Any
+
+
+def _is_batch_norm(path: tuple[str, ...]) -> bool:
+    return any("bn" in key for key in path)
 
 
 def multi_step_loss_weights(step: jax.Array, inner_steps: int, anneal_steps: int) -> jax.Array:
@@ -78,6 +94,25 @@ class MAMLPlusPlus(MAML):
     learn_inner_rates: Optional[str] = "per_tensor_per_step"
     msl_anneal_steps: Optional[int] = 1000
     first_order_steps: int = 0
+    per_step_bn: bool = False
+    per_step_filter: Callable[[tuple[str, ...]], bool] = _is_batch_norm
+
+    def init(self, params: PyTree) -> dict:
+        """Meta-parameters; with ``per_step_bn`` the batch-norm leaves get ``inner.steps`` copies."""
+        if self.per_step_bn:
+            if self.inner.steps < 1:
+                raise ValueError("per_step_bn=True needs inner.steps >= 1.")
+            mask = mask_by_path(params, self.per_step_filter)
+            if not any(jax.tree_util.tree_leaves(mask)):
+                raise ValueError("per_step_bn=True but no parameter path matches per_step_filter "
+                                 "(default: a key containing 'bn'); pass per_step_filter.")
+            params = jax.tree_util.tree_map(
+                lambda p, f: jnp.broadcast_to(p, (self.inner.steps,) + p.shape) if f else p,
+                params, mask)
+        return super().init(params)  # (learned rates of per-step leaves exist but are unused)
+
+    def _per_step_mask(self, params: PyTree) -> Optional[PyTree]:
+        return mask_by_path(params, self.per_step_filter) if self.per_step_bn else None
 
     def meta_loss(self, meta_params: dict, batch: TaskBatch, rng: Optional[jax.Array] = None,
                   step: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
@@ -88,7 +123,7 @@ class MAMLPlusPlus(MAML):
             weights = multi_step_loss_weights(step, self.inner.steps, self.msl_anneal_steps)
 
         def loss_with(first_order: bool):
-            kwargs = self._kwargs()
+            kwargs = self._kwargs(meta_params["model"])  # (structure only)
             kwargs["inner"] = dataclasses.replace(self.inner, first_order=first_order)
             return lambda p: meta_batch_loss(p["model"], batch, task_map=self.task_map,
                                              rates=p.get("inner_rates"), step_weights=weights,

@@ -133,11 +133,37 @@ def _split_by_mask(tree: PyTree, adapt_mask: Optional[PyTree]):
     return adapted, frozen, flags, merge
 
 
+def _slice_step(leaf: jax.Array, index) -> jax.Array:
+    return leaf[jnp.clip(index, 0, leaf.shape[0] - 1)]
+
+
+def select_step(params: PyTree, per_step_mask: Optional[PyTree], index) -> PyTree:
+    """``params`` with every per-step leaf (``per_step_mask`` True) sliced at ``index``
+    (clamped to its length): the parameters the model sees at inner step ``index``."""
+    if per_step_mask is None:
+        return params
+    return jax.tree_util.tree_map(lambda p, f: _slice_step(p, index) if f else p, params,
+                                  per_step_mask)
+
+
+def _per_step_flags(params: PyTree, per_step_mask: Optional[PyTree],
+                    adapt_flags: list) -> Optional[list]:
+    """Per-step flags of the frozen leaves (``None`` without per-step parameters)."""
+    if per_step_mask is None:
+        return None
+    flags = jax.tree_util.tree_structure(params).flatten_up_to(per_step_mask)
+    if any(f and a for f, a in zip(flags, adapt_flags)):
+        raise ValueError("per_step_mask marks leaves that adapt_mask adapts; per-step parameters "
+                         "are meta-learned only: set their adapt_mask entries to False.")
+    return [bool(f) for f, a in zip(flags, adapt_flags) if not a]
+
+
 def adapt(params: PyTree, task: Task, *, apply_fn: ApplyFn, loss_fn: LossFn,
           inner: InnerLoop, rates: Optional[PyTree] = None,
           adapt_mask: Optional[PyTree] = None, metric_fns: Optional[MetricFns] = None,
           track_query: bool = False,
-          regularizer: Optional[Callable[[PyTree], jax.Array]] = None) -> Adaptation:
+          regularizer: Optional[Callable[[PyTree], jax.Array]] = None,
+          per_step_mask: Optional[PyTree] = None) -> Adaptation:
     """Adapts ``params`` to ``task``'s support set with ``inner.steps`` optimizer steps.
 
     Args:
@@ -157,13 +183,29 @@ def adapt(params: PyTree, task: Task, *, apply_fn: ApplyFn, loss_fn: LossFn,
         multi-step losses and per-step evaluation).
       regularizer: optional ``regularizer(adapted_params) -> scalar`` added to the support
         loss the inner loop minimises (iMAML's proximal term ``lambda/2 ||phi - theta||^2``).
+      per_step_mask: optional pytree of Python bools over ``params``; ``True`` leaves are
+        *per-step* parameters with a leading axis ``L`` (MAML++'s per-step batch-norm
+        weights): the model sees slice ``min(i, L - 1)`` in the support forward pass of
+        update ``i + 1`` and for the query after it (slice 0 before any update). They are
+        never adapted (their ``adapt_mask`` entries must be ``False`` or absent).
 
     Returns:
       An :class:`Adaptation`.
     """
     learned = rates is not None
     opt = inner.transformation(learned)
-    adapted, frozen, flags, merge = _split_by_mask(params, adapt_mask)
+    if per_step_mask is not None and adapt_mask is None:
+        adapt_mask = jax.tree_util.tree_map(lambda f: not f, per_step_mask)
+    adapted, frozen, flags, merge_all = _split_by_mask(params, adapt_mask)
+    per_step = _per_step_flags(params, per_step_mask, flags)
+
+    def merge(adapted_leaves, frozen_leaves, index=0):
+        """Full params; per-step leaves sliced at ``index`` (clamped to their length)."""
+        if per_step is None:
+            return merge_all(adapted_leaves, frozen_leaves)
+        sliced = [_slice_step(leaf, index) if ps else leaf
+                  for leaf, ps in zip(frozen_leaves, per_step)]
+        return merge_all(adapted_leaves, sliced)
     if learned:
         rate_leaves = jax.tree_util.tree_structure(params).flatten_up_to(rates)
         rate_leaves = [r for r, f in zip(rate_leaves, flags) if f]
@@ -174,20 +216,22 @@ def adapt(params: PyTree, task: Task, *, apply_fn: ApplyFn, loss_fn: LossFn,
                         f"rates_per_step=True needs rate leaves with a leading axis of length "
                         f"steps={inner.steps}; got shape {jnp.shape(r)}.")
 
-    def support_objective(adapted_leaves):
-        full = merge(adapted_leaves, frozen)
+    def support_objective(adapted_leaves, index):
+        full = merge(adapted_leaves, frozen, index)
         loss = task_loss_and_metrics(full, task.support_inputs, task.support_targets,
                                      task.support_mask, apply_fn=apply_fn, loss_fn=loss_fn)[0]
         return loss if regularizer is None else loss + regularizer(full)
 
-    def query_eval(adapted_leaves):
+    def query_eval(adapted_leaves, updates_done):
         return task_loss_and_metrics(
-            merge(adapted_leaves, frozen), task.query_inputs, task.query_targets,
-            task.query_mask, apply_fn=apply_fn, loss_fn=loss_fn, metric_fns=metric_fns)
+            merge(adapted_leaves, frozen, updates_done - 1), task.query_inputs,
+            task.query_targets, task.query_mask, apply_fn=apply_fn, loss_fn=loss_fn,
+            metric_fns=metric_fns)
 
-    def step(carry, step_rates):
+    def step(carry, xs):
+        index, step_rates = xs
         leaves, opt_state = carry
-        loss, grads = jax.value_and_grad(support_objective)(leaves)
+        loss, grads = jax.value_and_grad(support_objective)(leaves, index)
         if inner.first_order:
             grads = jax.lax.stop_gradient(grads)
         updates, opt_state = opt.update(grads, opt_state, leaves)
@@ -196,7 +240,7 @@ def adapt(params: PyTree, task: Task, *, apply_fn: ApplyFn, loss_fn: LossFn,
         leaves = optax.apply_updates(leaves, updates)
         outputs = {"support_loss": loss}
         if track_query:
-            outputs["query"] = query_eval(carry[0])
+            outputs["query"] = query_eval(carry[0], index)
         return (leaves, opt_state), outputs
 
     if inner.remat:
@@ -206,25 +250,23 @@ def adapt(params: PyTree, task: Task, *, apply_fn: ApplyFn, loss_fn: LossFn,
         final = adapted
         traj = {"support_loss": jnp.zeros((0,))}
         if track_query:
-            traj["query"] = jax.tree_util.tree_map(lambda x: x[None][:0], query_eval(adapted))
+            traj["query"] = jax.tree_util.tree_map(lambda x: x[None][:0], query_eval(adapted, 0))
     else:
-        if not learned:
-            xs = None
-        elif inner.rates_per_step:
-            xs = rate_leaves
+        indices = jnp.arange(inner.steps)
+        if learned and inner.rates_per_step:
+            body, xs = step, (indices, rate_leaves)
         else:
-            xs = None
-        body = step if (not learned or inner.rates_per_step) else (
-            lambda carry, _: step(carry, rate_leaves))
+            body, xs = (lambda carry, i: step(carry, (i, rate_leaves if learned else None))), indices
         (final, _), traj = jax.lax.scan(body, (adapted, opt.init(adapted)), xs,
                                         length=inner.steps)
 
     query_loss = query_metrics = None
     if track_query:
-        last_loss, last_metrics = query_eval(final)
+        last_loss, last_metrics = query_eval(final, inner.steps)
         hist_loss, hist_metrics = traj["query"]
         query_loss = jnp.concatenate([hist_loss, last_loss[None]])
         query_metrics = {k: jnp.concatenate([hist_metrics[k], last_metrics[k][None]])
                          for k in last_metrics}
-    return Adaptation(params=merge(final, frozen), support_loss=traj["support_loss"],
+    # Per-step leaves come back stacked, as given (the structure of ``params``).
+    return Adaptation(params=merge_all(final, frozen), support_loss=traj["support_loss"],
                       query_loss=query_loss, query_metrics=query_metrics)

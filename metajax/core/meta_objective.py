@@ -14,7 +14,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from metajax.core.inner_loop import (ApplyFn, InnerLoop, MetricFns, adapt,
+from metajax.core.inner_loop import (ApplyFn, InnerLoop, MetricFns, adapt, select_step,
                                      task_loss_and_metrics)
 from metajax.core.losses import LossFn
 from metajax.core.task_map import TaskMap, map_over_tasks
@@ -27,7 +27,8 @@ def adapted_task_loss(params: PyTree, task: Task, *, apply_fn: ApplyFn, loss_fn:
                       inner: InnerLoop, rates: Optional[PyTree] = None,
                       adapt_mask: Optional[PyTree] = None,
                       metric_fns: Optional[MetricFns] = None,
-                      step_weights: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+                      step_weights: Optional[jax.Array] = None,
+                      per_step_mask: Optional[PyTree] = None) -> tuple[jax.Array, dict]:
     """Query loss of one task after adapting ``params`` on its support set.
 
     With ``step_weights`` (shape ``(steps + 1,)``) the loss is the weighted sum of the
@@ -39,14 +40,16 @@ def adapted_task_loss(params: PyTree, task: Task, *, apply_fn: ApplyFn, loss_fn:
     """
     tracked = step_weights is not None
     out = adapt(params, task, apply_fn=apply_fn, loss_fn=loss_fn, inner=inner, rates=rates,
-                adapt_mask=adapt_mask, metric_fns=metric_fns, track_query=tracked)
+                adapt_mask=adapt_mask, metric_fns=metric_fns, track_query=tracked,
+                per_step_mask=per_step_mask)
     if tracked:
         query_loss = out.query_loss[-1]
         query_metrics = {k: v[-1] for k, v in out.query_metrics.items()}
         loss = jnp.sum(step_weights * out.query_loss)
     else:
+        adapted = select_step(out.params, per_step_mask, inner.steps - 1)
         query_loss, query_metrics = task_loss_and_metrics(
-            out.params, task.query_inputs, task.query_targets, task.query_mask,
+            adapted, task.query_inputs, task.query_targets, task.query_mask,
             apply_fn=apply_fn, loss_fn=loss_fn, metric_fns=metric_fns)
         loss = query_loss
     metrics = {"query_loss": query_loss}
@@ -76,7 +79,8 @@ def evaluate_adaptation(params: PyTree, batch: TaskBatch, *, apply_fn: ApplyFn, 
                         inner: InnerLoop, rates: Optional[PyTree] = None,
                         adapt_mask: Optional[PyTree] = None,
                         metric_fns: Optional[MetricFns] = None,
-                        task_map: TaskMap = "vmap", params_per_task: bool = False) -> dict:
+                        task_map: TaskMap = "vmap", params_per_task: bool = False,
+                        per_step_mask: Optional[PyTree] = None) -> dict:
     """Per-task query loss and metrics after 0, 1, ..., ``inner.steps`` inner steps.
 
     With ``params_per_task`` every leaf of ``params`` has a leading task axis and task
@@ -92,7 +96,8 @@ def evaluate_adaptation(params: PyTree, batch: TaskBatch, *, apply_fn: ApplyFn, 
     def per_task(shared, task):
         p, r = shared
         out = adapt(p, task, apply_fn=apply_fn, loss_fn=loss_fn, inner=eval_inner, rates=r,
-                    adapt_mask=adapt_mask, metric_fns=metric_fns, track_query=True)
+                    adapt_mask=adapt_mask, metric_fns=metric_fns, track_query=True,
+                    per_step_mask=per_step_mask)
         return {"loss": out.query_loss, **out.query_metrics}
 
     params = jax.lax.stop_gradient(params)
