@@ -125,6 +125,7 @@ def test_fast_path_meta_gradient_matches_lax_vmap():
     assert _max_diff(fo, ref) > 1e-2 * scale
 
 
+@pytest.mark.slow  # ~1 min on 2 cores; the Omniglot Conv4 test covers the same conv paths
 def test_maxpool_conv4_meta_gradient_paths_agree():
     apply_fn, params = init_conv4(Conv4(ways=3, hidden=8, max_pool=True), jax.random.key(2),
                                   (16, 16, 3))
@@ -134,7 +135,7 @@ def test_maxpool_conv4_meta_gradient_paths_agree():
     assert _max_diff(got, ref) <= 1e-3 * _max_abs(ref)
 
 
-@pytest.mark.parametrize("impl", ["fused", "patches"])
+@pytest.mark.parametrize("impl", ["fused", pytest.param("patches", marks=pytest.mark.slow)])
 def test_second_order_meta_gradient_matches_finite_differences_float64(impl):
     """The second-order meta-gradient through batch norm (per-task batch statistics) equals
     central finite differences in float64 (torch.func gets this wrong: ../shared/bench)."""
