@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 import jax
 import numpy as np
@@ -32,12 +31,11 @@ import optax
 import metajax as mj
 from metajax.algorithms import algorithm_names, distillation_accuracy, distillation_loss
 from metajax.core.tasks import TaskBatch, as_tasks
-from metajax.data import load_omniglot
-from metajax.training.config import field, parse_config, save_config
+from metajax.training.config import field, parse_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from omniglot import (OmniglotConfig, build_algorithm, build_samplers, meta_lr_schedule,  # noqa: E402
-                      params_from_run, resolve, test, train, write_run)
+from omniglot import (OmniglotConfig, build_algorithm, meta_lr_schedule,  # noqa: E402
+                      params_from_run, prepare_run, resolve, test, train, write_run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +95,7 @@ def main(argv=None) -> dict:
     config = dataclasses.replace(config, algo=teacher_config.algo,
                                  embedding_dim=teacher_config.embedding_dim,
                                  full_context=teacher_config.full_context)
-    os.makedirs(config.out, exist_ok=True)
-    save_config(config, config.out)
-    t0 = time.perf_counter()
-    dataset = load_omniglot(config.data_dir, image_size=config.image_size, cache_dir=config.cache_dir)
-    samplers = build_samplers(config, dataset)
-    load_s = time.perf_counter() - t0
+    samplers, load_s = prepare_run(config)
     num_classes = samplers["train"].dataset.num_classes
 
     teacher_algo, teacher_template = build_algorithm(teacher_config, jax.random.key(0), num_classes)

@@ -300,8 +300,9 @@ def plot_curve(curve: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    config = resolve(parse_config(OmniglotConfig, argv))
+def prepare_run(config) -> tuple[dict, float]:
+    """Checks the evaluation sizes, writes the config into the run directory, loads Omniglot
+    (cached after the first load) and builds the samplers; returns them and the load seconds."""
     if config.eval_tasks % config.eval_batch or config.val_tasks % config.eval_batch:
         raise ValueError(f"--eval-tasks ({config.eval_tasks}) and --val-tasks ({config.val_tasks}) "
                          f"must be multiples of --eval-batch ({config.eval_batch}).")
@@ -309,8 +310,12 @@ def main(argv=None) -> dict:
     save_config(config, config.out)
     t0 = time.perf_counter()
     dataset = load_omniglot(config.data_dir, image_size=config.image_size, cache_dir=config.cache_dir)
-    samplers = build_samplers(config, dataset)
-    load_s = time.perf_counter() - t0
+    return build_samplers(config, dataset), time.perf_counter() - t0
+
+
+def main(argv=None) -> dict:
+    config = resolve(parse_config(OmniglotConfig, argv))
+    samplers, load_s = prepare_run(config)
     algorithm, meta_params = build_algorithm(config, jax.random.key(config.seed),
                                              samplers["train"].dataset.num_classes)
     state, curve, info = train(config, algorithm, meta_params, samplers)
