@@ -73,6 +73,10 @@ class OmniglotConfig:
     budget_minutes: Optional[float] = field(None, "stop training after this many minutes")
     split: str = field("vinyals", "class split: vinyals (1028/172/423), lake (964/659) or maml",
                        choices=("vinyals", "lake", "maml"))
+    train_subset: str = field("train", "vinyals: the classes meta-training samples from: train (1028) "
+                              "or trainval (1028 + 172 = 1200, the ProtoNet paper's protocol; the "
+                              "validation curve then runs on classes seen in training)",
+                              choices=("train", "trainval"))
     rotations: bool = field(True, "rotations by 90/180/270 degrees as new classes")
     image_size: int = field(28, "image side in pixels")
     hidden: int = field(64, "conv filters per Conv4 layer (64 in the papers)")
@@ -87,7 +91,15 @@ class OmniglotConfig:
     task_map: str = field("auto", "tasks in a meta-batch: vmap, map, a chunk size, or auto "
                           "(map on CPU, vmap on accelerators)")
     remat: bool = field(False, "rematerialise inner steps (flat memory in the number of steps)")
+    first_order_steps: int = field(0, "mamlpp: derivative-order annealing, first order for the "
+                                   "first N iterations, then second order (same compiled step)")
+    msl_anneal_steps: int = field(1000, "mamlpp: iterations over which the multi-step loss "
+                                  "weights anneal towards the last step (0: at once)")
     per_step_bn: bool = field(False, "mamlpp: per-step batch-norm weights and biases (BNWB)")
+    bn_running_stats: bool = field(False, "mamlpp: per-step batch-norm running statistics (BNRS)")
+    eval_bn: str = field("batch", "mamlpp with --bn-running-stats: meta-test batch norm with "
+                         "batch statistics (transductive, as in training) or the per-step "
+                         "running statistics", choices=("batch", "running"))
     out: str = field("runs/omniglot", "run directory")
     checkpoint_every: int = field(500, "checkpoint every N iterations (0: never)")
     keep_checkpoints: int = field(3, "how many recent checkpoints to keep")
@@ -104,8 +116,11 @@ def resolve(config: OmniglotConfig) -> OmniglotConfig:
 
 
 def build_samplers(config: OmniglotConfig, dataset) -> dict:
+    if config.train_subset != "train" and config.split != "vinyals":
+        raise ValueError(f"--train-subset {config.train_subset} needs --split vinyals (the only split "
+                         f"with a validation subset); {config.split!r} trains on 'train'.")
     held_out = "val" if config.split == "vinyals" else "test"
-    subsets = {"train": "train", "val": held_out, "test": "test"}
+    subsets = {"train": config.train_subset, "val": held_out, "test": "test"}
     samplers = {}
     for role, subset in subsets.items():
         classes = omniglot_split(dataset, config.split, subset, rotations=config.rotations,
@@ -123,6 +138,19 @@ def build_samplers(config: OmniglotConfig, dataset) -> dict:
     return samplers
 
 
+def _mamlpp_options(config: OmniglotConfig) -> dict:
+    """MAML++'s options from the flags (only passed to mamlpp, which alone has them)."""
+    if config.first_order_steps < 0 or config.msl_anneal_steps < 0:
+        raise ValueError("--first-order-steps and --msl-anneal-steps must be >= 0.")
+    if config.algo != "mamlpp":
+        return {}
+    options = {"first_order_steps": config.first_order_steps,
+               "msl_anneal_steps": config.msl_anneal_steps}
+    if config.bn_running_stats:
+        options.update(bn_running_stats=True, eval_bn_mode=config.eval_bn)
+    return options
+
+
 def build_algorithm(config: OmniglotConfig, key, num_train_classes: int):
     metric = config.algo in algorithm_names("metric")
     classifier = config.algo in algorithm_names("classifier")
@@ -138,9 +166,13 @@ def build_algorithm(config: OmniglotConfig, key, num_train_classes: int):
         outputs = config.embedding_dim or None
     else:
         outputs = config.ways
+    if config.bn_running_stats and config.algo != "mamlpp":
+        raise ValueError(f"--bn-running-stats is MAML++'s per-step running statistics; "
+                         f"--algo {config.algo} normalises with batch statistics only.")
     conv4, params = init_omniglot_conv4(key, ways=outputs, hidden=config.hidden,
-                                        conv_impl=config.conv_impl, image_size=config.image_size)
-    apply_fn = lambda p, x: conv4(p, normalize_images(x))
+                                        conv_impl=config.conv_impl, image_size=config.image_size,
+                                        running_stats=config.bn_running_stats)
+    apply_fn = dataclasses.replace(conv4, preprocess=normalize_images)
     features = outputs or conv4.module.hidden
     inner = mj.InnerLoop(steps=config.inner_steps, learning_rate=config.inner_lr,
                          remat=config.remat)
@@ -148,7 +180,8 @@ def build_algorithm(config: OmniglotConfig, key, num_train_classes: int):
                                metric_fns={"accuracy": mj.accuracy},
                                task_map=resolve_task_map(config.task_map),
                                full_context=config.full_context, num_classes=num_train_classes,
-                               scale=config.attention_scale, per_step_bn=config.per_step_bn)
+                               scale=config.attention_scale, per_step_bn=config.per_step_bn,
+                               **_mamlpp_options(config))
     init_key = jax.random.fold_in(key, 1)
     if config.algo == "matchingnet" and config.full_context:
         return algorithm, algorithm.init(params, embedding_dim=features, key=init_key)

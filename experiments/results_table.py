@@ -41,6 +41,9 @@ PAPER = {
     "imaml": ("Rajeswaran et al. 2019", {(5, 1): 99.16, (5, 5): 99.67, (20, 1): 94.46,
                                          (20, 5): 98.69}),
 }
+# Published sinusoid (K=10) mean squared errors after one inner step, keyed by algorithm.
+SINUSOID_PAPER = {"maml": "0.77 after 1 step (Li et al. 2017)",
+                  "metasgd": "0.53 after 1 step (Li et al. 2017)"}
 NAMES = {"maml": "MAML", "fomaml": "FOMAML", "protonet": "ProtoNet", "matchingnet": "Matching Net",
          "metasgd": "Meta-SGD", "mamlpp": "MAML++", "reptile": "Reptile", "imaml": "iMAML",
          "anil": "ANIL", "pretrain": "Pretrain + fine-tune", "baseline": "Baseline (Chen)",
@@ -101,7 +104,8 @@ def rows_for(path: str) -> list[dict]:
         m = json.load(f)
     cfg, training, experiment = m["config"], m.get("training", {}), m["experiment"]
     cmd = command(experiment, cfg)
-    split = f"{cfg.get('split', '')}{' + rot' if cfg.get('rotations') else ''}"
+    trained_on = " (train+val)" if cfg.get("train_subset", "train") == "trainval" else ""
+    split = f"{cfg.get('split', '')}{trained_on}{' + rot' if cfg.get('rotations') else ''}"
     budget = (f"eval of `{cfg['init_from']}`" if cfg.get("init_from") and not cfg.get("iterations")
               else _budget(training))
     rows = []
@@ -133,7 +137,9 @@ def rows_for(path: str) -> list[dict]:
             rows.append({"method": NAMES.get(algo, algo), "setting": f"sinusoid K={cfg.get('shots', 10)}",
                          "split": "", "ours": "MSE " + " / ".join(
                              f"{mse[s]:.3f}" for s in ("1", "5", "10") if s in mse) + " (1/5/10 steps)",
-                         "paper": "n/a", "budget": f"{cfg.get('iterations', 0):,} it",
+                         "paper": (SINUSOID_PAPER.get(algo, "n/a") if cfg.get("shots", 10) == 10
+                                   else "n/a"),
+                         "budget": f"{cfg.get('iterations', 0):,} it",
                          "command": cmd})
     return rows
 

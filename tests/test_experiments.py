@@ -112,6 +112,28 @@ def test_omniglot_embedding_learners_baselines_init_from_and_distillation(
         distill.main(["--teacher", str(tmp_path / "bpp"), "--out", str(tmp_path / "z")] + data)
 
 
+def test_omniglot_mamlpp_with_per_step_running_statistics(tmp_path, omniglot_root, omniglot_full,
+                                                          omniglot_cache_dir):
+    omniglot = _load("omniglot")
+    data = ["--data-dir", str(omniglot_root), "--cache-dir", str(omniglot_cache_dir), "--split", "lake",
+            "--no-progress", "--no-tensorboard", "--checkpoint-every", "0"]
+    small = ["--shots", "1", "--query", "2", "--meta-batch", "2", "--eval-tasks", "20",
+             "--eval-batch", "10", "--val-tasks", "10", "--eval-every", "2", "--iterations", "2",
+             "--inner-steps", "1", "--eval-inner-steps", "2", "--hidden", "16"]
+    metrics = omniglot.main(["--algo", "mamlpp", "--per-step-bn", "--bn-running-stats",
+                             "--eval-bn", "running", "--out", str(tmp_path / "mpp")] + small + data)
+    result = metrics["results"]["mamlpp"]
+    assert set(result["accuracy"]) == {"0", "1", "2"}
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert metrics["config"]["bn_running_stats"] and metrics["config"]["eval_bn"] == "running"
+    with pytest.raises(ValueError, match="--bn-running-stats is MAML"):
+        omniglot.main(["--algo", "maml", "--bn-running-stats", "--out", str(tmp_path / "x")]
+                      + small + data)
+    with pytest.raises(ValueError, match="needs --split vinyals"):
+        omniglot.main(["--algo", "protonet", "--train-subset", "trainval",
+                       "--out", str(tmp_path / "y")] + small + data)
+
+
 def test_results_table_rows_commands_and_readme_block(tmp_path):
     table = _load("results_table")
     config = {"algo": "protonet", "ways": 20, "shots": 1, "train_ways": 60, "split": "vinyals",

@@ -16,9 +16,21 @@
   not adapted in the inner loop (as in the paper's code). Evaluating with more steps than
   were trained reuses the last copy.
 
-Per-step batch-norm *running statistics* (BNRS) are not implemented: this library's batch
-norm always normalises with the current batch's statistics (see :mod:`metajax.models.conv4`),
-so there are no running statistics to keep per step.
+* **Per-step batch-norm running statistics (BNRS)**: with ``bn_running_stats=True`` (and a
+  model built with running statistics, e.g. ``init_omniglot_conv4(..., running_stats=True)``)
+  the running means/variances ``bn{i}_mean`` / ``bn{i}_var`` get ``inner.steps`` copies too.
+  Copy ``i`` averages (momentum ``bn_momentum``, PyTorch's convention) the batch statistics of
+  every forward pass that uses copy ``i``: the support set at inner step ``i`` and the query
+  set after it, averaged over the meta-batch's tasks. They are state, not weights: the outer
+  step writes them in (``metajax.training.steps.STATE_UPDATES``), they are never adapted and
+  get no gradient. Training always normalises with batch statistics, as the paper's code
+  does (its ``F.batch_norm`` runs with ``training=True``, so its running statistics never
+  change an output). ``eval_bn_mode="running"`` evaluates non-transductively instead: every
+  inner step ``i`` and the query after it normalise with running-statistics copy ``i``, so a
+  prediction no longer depends on the other examples of its batch.
+
+  Collecting the statistics costs one extra first-order pass over each task per meta-step
+  (forward passes on the support and query sets at every step): opt-in.
 """
 
 from __future__ import annotations
@@ -30,10 +42,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metajax.algorithms.maml import MAML
+from metajax.algorithms.maml import MAML, resize_per_step_rates
+from metajax.core.inner_loop import adapt, select_step
 from metajax.core.masks import mask_by_path
 from metajax.core.meta_objective import meta_batch_loss
-from metajax.core.tasks import TaskBatch
+from metajax.core.task_map import map_over_tasks
+from metajax.core.tasks import Task, TaskBatch, as_tasks
+from metajax.training.steps import STATE_UPDATES, leaf_paths
 
 
 PyTree = Any
@@ -41,6 +56,18 @@ PyTree = Any
 
 def _is_batch_norm(path: tuple[str, ...]) -> bool:
     return any("bn" in key for key in path)
+
+
+def _is_running_statistic(path: tuple[str, ...]) -> bool:
+    """Running mean/variance leaves of batch norm (``bn{i}_mean`` / ``bn{i}_var``)."""
+    last = str(path[-1]) if path else ""
+    return "bn" in last and (last.endswith("_mean") or last.endswith("_var"))
+
+
+def _layer_of(name: str) -> tuple[str, str]:
+    """``"bn2_mean" -> ("bn2", "mean")``."""
+    layer, _, kind = name.rpartition("_")
+    return layer, kind
 
 
 def multi_step_loss_weights(step: jax.Array, inner_steps: int, anneal_steps: int) -> jax.Array:
@@ -96,23 +123,108 @@ class MAMLPlusPlus(MAML):
     first_order_steps: int = 0
     per_step_bn: bool = False
     per_step_filter: Callable[[tuple[str, ...]], bool] = _is_batch_norm
+    bn_running_stats: bool = False
+    bn_momentum: float = 0.1
+    eval_bn_mode: str = "batch"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}.")
+        if self.eval_bn_mode not in ("batch", "running"):
+            raise ValueError(f"eval_bn_mode must be 'batch' or 'running', got {self.eval_bn_mode!r}.")
+        if self.eval_bn_mode == "running" and not self.bn_running_stats:
+            raise ValueError("eval_bn_mode='running' needs bn_running_stats=True.")
+
+    def _statistics_mask(self, params: PyTree) -> PyTree:
+        return mask_by_path(params, _is_running_statistic)
 
     def init(self, params: PyTree) -> dict:
-        """Meta-parameters; with ``per_step_bn`` the batch-norm leaves get ``inner.steps`` copies."""
-        if self.per_step_bn:
-            if self.inner.steps < 1:
-                raise ValueError("per_step_bn=True needs inner.steps >= 1.")
-            mask = mask_by_path(params, self.per_step_filter)
-            if not any(jax.tree_util.tree_leaves(mask)):
-                raise ValueError("per_step_bn=True but no parameter path matches per_step_filter "
-                                 "(default: a key containing 'bn'); pass per_step_filter.")
+        """Meta-parameters; per-step batch-norm leaves (BNWB, BNRS) get ``inner.steps`` copies."""
+        if (self.per_step_bn or self.bn_running_stats) and self.inner.steps < 1:
+            raise ValueError("per_step_bn / bn_running_stats need inner.steps >= 1.")
+        if self.per_step_bn and not any(jax.tree_util.tree_leaves(
+                mask_by_path(params, self.per_step_filter))):
+            raise ValueError("per_step_bn=True but no parameter path matches per_step_filter "
+                             "(default: a key containing 'bn'); pass per_step_filter.")
+        if self.bn_running_stats and not any(jax.tree_util.tree_leaves(
+                self._statistics_mask(params))):
+            raise ValueError("bn_running_stats=True but the model has no running statistics "
+                             "(bn{i}_mean / bn{i}_var leaves); build it with running_stats=True, "
+                             "e.g. init_omniglot_conv4(key, running_stats=True).")
+        mask = self._per_step_mask(params)
+        if mask is not None:
             params = jax.tree_util.tree_map(
                 lambda p, f: jnp.broadcast_to(p, (self.inner.steps,) + p.shape) if f else p,
                 params, mask)
         return super().init(params)  # (learned rates of per-step leaves exist but are unused)
 
     def _per_step_mask(self, params: PyTree) -> Optional[PyTree]:
-        return mask_by_path(params, self.per_step_filter) if self.per_step_bn else None
+        masks = []
+        if self.per_step_bn:
+            masks.append(mask_by_path(params, self.per_step_filter))
+        if self.bn_running_stats:
+            masks.append(self._statistics_mask(params))
+        if not masks:
+            return None
+        return jax.tree_util.tree_map(lambda *fs: any(fs), *masks)
+
+    def running_statistics(self, meta_params: dict, batch: TaskBatch) -> dict:
+        """Per-step batch statistics of ``batch``: ``{"model/bn{i}_mean": (S, C), ...}``.
+
+        Copy ``i`` is the mean over tasks of the statistics of the support set at inner step
+        ``i`` and of the query set after it (each with per-step copy ``i`` of the per-step
+        leaves), from the same inner loop as training (first order; nothing is differentiated).
+        """
+        from metajax.models.conv4 import with_bn_mode
+        collect = with_bn_mode(self.apply_fn, "collect")
+        model, rates = meta_params["model"], meta_params.get("inner_rates")
+        kwargs = self._kwargs(model)
+        per_step = kwargs["per_step_mask"]
+        steps = self.inner.steps
+
+        def per_task(shared, task: Task):
+            model, rates = shared
+            params = [model]  # phi_0 .. phi_S
+            for n in range(1, steps + 1):
+                inner = dataclasses.replace(self.inner.with_overrides(steps=n), first_order=True)
+                r = rates
+                if r is not None and inner.rates_per_step:
+                    r = resize_per_step_rates(r, n)
+                params.append(adapt(model, task, rates=r, **dict(kwargs, inner=inner)).params)
+            copies = []
+            for i in range(steps):
+                support = collect(select_step(params[i], per_step, i), task.support_inputs)
+                query = collect(select_step(params[i + 1], per_step, i), task.query_inputs)
+                copies.append(jax.tree_util.tree_map(lambda a, b: 0.5 * (a + b), support, query))
+            return jax.tree_util.tree_map(lambda *c: jnp.stack(c), *copies)
+
+        stats = map_over_tasks(per_task, (model, rates), as_tasks(batch), self.task_map)
+        stats = jax.lax.stop_gradient(jax.tree_util.tree_map(lambda x: jnp.mean(x, 0), stats))
+        return {f"model/{layer}_{kind}": value
+                for layer, (mean, var) in stats.items()
+                for kind, value in (("mean", mean), ("var", var))}
+
+    def _running_stats_update(self, meta_params: dict, batch: TaskBatch) -> dict:
+        current = leaf_paths(meta_params)
+        new = self.running_statistics(meta_params, batch)
+        missing = sorted(set(new) - set(current))
+        if missing:
+            raise ValueError(f"the model reports batch-norm layers without running statistics "
+                             f"leaves: {missing}.")
+        m = self.bn_momentum
+        return {k: (1.0 - m) * current[k] + m * v for k, v in new.items()}
+
+    def evaluate(self, meta_params: dict, batch: TaskBatch, *, steps: Optional[int] = None,
+                 learning_rate: Optional[float] = None) -> dict:
+        """As :meth:`MAML.evaluate`; with ``eval_bn_mode="running"`` non-transductively."""
+        if self.eval_bn_mode == "running":
+            from metajax.models.conv4 import with_bn_mode
+            algo = dataclasses.replace(self, apply_fn=with_bn_mode(self.apply_fn, "running"),
+                                       eval_bn_mode="batch")
+            return MAML.evaluate(algo, meta_params, batch, steps=steps,
+                                 learning_rate=learning_rate)
+        return super().evaluate(meta_params, batch, steps=steps, learning_rate=learning_rate)
 
     def meta_loss(self, meta_params: dict, batch: TaskBatch, rng: Optional[jax.Array] = None,
                   step: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
@@ -130,6 +242,10 @@ class MAMLPlusPlus(MAML):
                                              **kwargs)
 
         if self.first_order_steps <= 0:
-            return loss_with(self.inner.first_order)(meta_params)
-        return jax.lax.cond(step < self.first_order_steps, loss_with(True), loss_with(False),
-                            meta_params)
+            loss, metrics = loss_with(self.inner.first_order)(meta_params)
+        else:
+            loss, metrics = jax.lax.cond(step < self.first_order_steps, loss_with(True),
+                                         loss_with(False), meta_params)
+        if self.bn_running_stats:
+            metrics = dict(metrics, **{STATE_UPDATES: self._running_stats_update(meta_params, batch)})
+        return loss, metrics

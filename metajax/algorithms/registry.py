@@ -64,7 +64,7 @@ _ACCEPTS = {
     "metasgd": {"metric_fns", "task_map", "adapt_mask"},
     "anil": {"metric_fns", "task_map"},
     "mamlpp": {"metric_fns", "task_map", "adapt_mask", "msl_anneal_steps", "first_order_steps",
-               "per_step_bn"},
+               "per_step_bn", "bn_running_stats", "eval_bn_mode"},
     "reptile": {"metric_fns", "task_map"},
     "imaml": {"metric_fns", "task_map", "lam", "cg_steps"},
     "pretrain": {"metric_fns", "task_map"},

@@ -45,7 +45,9 @@ import jax
 import jax.numpy as jnp
 
 from metajax.models.functional import FunctionalModel
-from metajax.models.layers import conv_bn_relu, max_pool2d
+from metajax.models.layers import conv_bn_relu, conv_bn_statistics, max_pool2d
+
+BN_MODES = ("batch", "running", "collect")
 
 
 def _uniform01(key, shape, dtype=jnp.float32):
@@ -65,6 +67,14 @@ class Conv4(nn.Module):
         ``True``: stride-1 convs, 2x2 max-pool after each block, flatten (mini-ImageNet).
       conv_impl: ``"auto"``, ``"patches"`` or ``"lax"`` (see :mod:`metajax.models.layers`).
       bn_eps: batch-norm epsilon (PyTorch's default 1e-5).
+      running_stats: also create batch-norm running statistics ``bn{i}_mean`` (zeros) and
+        ``bn{i}_var`` (ones) as parameters. They are state, not weights: in ``"batch"``
+        mode the output does not depend on them (so their gradient is zero), and an
+        algorithm updates them by averaging (MAML++'s per-step running statistics).
+      bn_mode: ``"batch"`` (default: normalise with the batch's statistics, the MAML
+        convention), ``"running"`` (normalise with ``bn{i}_mean`` / ``bn{i}_var``; needs
+        ``running_stats``), or ``"collect"`` (run as ``"batch"`` but return
+        ``{"bn{i}": (mean, unbiased var)}`` of every batch-norm input instead of the output).
     """
 
     ways: Optional[int] = 5
@@ -73,12 +83,20 @@ class Conv4(nn.Module):
     max_pool: bool = False
     conv_impl: str = "auto"
     bn_eps: float = 1e-5
+    running_stats: bool = False
+    bn_mode: str = "batch"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {self.bn_mode!r}.")
+        if self.bn_mode == "running" and not self.running_stats:
+            raise ValueError("bn_mode='running' needs running_stats=True (the model has no "
+                             "bn{i}_mean / bn{i}_var to normalise with).")
         if x.ndim == 3:  # (N, H, W) grayscale
             x = x[..., None]
         stride = 1 if self.max_pool else 2
+        collected = {}
         for i in range(self.layers):
             cin = x.shape[-1]
             kernel = self.param(f"conv{i}_kernel", nn.initializers.xavier_uniform(),
@@ -86,10 +104,20 @@ class Conv4(nn.Module):
             bias = self.param(f"conv{i}_bias", nn.initializers.zeros, (self.hidden,))
             scale = self.param(f"bn{i}_scale", _uniform01, (self.hidden,))
             shift = self.param(f"bn{i}_bias", nn.initializers.zeros, (self.hidden,))
+            stats = None
+            if self.running_stats:
+                running = (self.param(f"bn{i}_mean", nn.initializers.zeros, (self.hidden,)),
+                           self.param(f"bn{i}_var", nn.initializers.ones, (self.hidden,)))
+                stats = running if self.bn_mode == "running" else None
+            if self.bn_mode == "collect":
+                collected[f"bn{i}"] = conv_bn_statistics(x, kernel, bias, stride=stride,
+                                                         padding=1, impl=self.conv_impl)
             x = conv_bn_relu(x, kernel, bias, scale, shift, stride=stride, padding=1,
-                             eps=self.bn_eps, impl=self.conv_impl)
+                             eps=self.bn_eps, impl=self.conv_impl, stats=stats)
             if self.max_pool:
                 x = max_pool2d(x, 2)
+        if self.bn_mode == "collect":
+            return collected
         if self.max_pool:
             x = x.reshape(x.shape[0], -1)
         else:
@@ -103,9 +131,11 @@ class Conv4(nn.Module):
 
 def init_omniglot_conv4(key: jax.Array, ways: Optional[int] = 5, hidden: int = 64,
                         conv_impl: str = "auto", image_size: int = 28,
-                        channels: int = 1) -> tuple[FunctionalModel, Any]:
+                        channels: int = 1, running_stats: bool = False
+                        ) -> tuple[FunctionalModel, Any]:
     """learn2learn's ``OmniglotCNN`` as ``(apply_fn, params)`` (inputs ``(N, 28, 28, 1)``)."""
-    module = Conv4(ways=ways, hidden=hidden, max_pool=False, conv_impl=conv_impl)
+    module = Conv4(ways=ways, hidden=hidden, max_pool=False, conv_impl=conv_impl,
+                   running_stats=running_stats)
     return init_conv4(module, key, (image_size, image_size, channels))
 
 
@@ -129,3 +159,13 @@ def with_conv_impl(apply_fn: FunctionalModel, conv_impl: str) -> FunctionalModel
     import dataclasses
     module = apply_fn.module.clone(conv_impl=conv_impl)
     return dataclasses.replace(apply_fn, module=module)
+
+
+def with_bn_mode(apply_fn: FunctionalModel, bn_mode: str) -> FunctionalModel:
+    """The same model (same params) with another batch-norm mode (see :class:`Conv4`)."""
+    import dataclasses
+    module = getattr(apply_fn, "module", None)
+    if not hasattr(module, "bn_mode"):
+        raise ValueError(f"with_bn_mode needs a Conv4-like FunctionalModel with a bn_mode "
+                         f"attribute; got {apply_fn!r}.")
+    return dataclasses.replace(apply_fn, module=module.clone(bn_mode=bn_mode))

@@ -21,7 +21,7 @@ Example (NNX):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -35,8 +35,13 @@ class FunctionalModel:
 
     module: Any
     kind: str  # "linen" or "nnx"
+    # Optional input transform applied first (e.g. uint8 pixels -> normalised floats), so a
+    # wrapped model stays a FunctionalModel that helpers such as ``with_bn_mode`` can rebuild.
+    preprocess: Optional[Callable[[PyTree], PyTree]] = None
 
     def __call__(self, params: PyTree, inputs: PyTree) -> PyTree:
+        if self.preprocess is not None:
+            inputs = self.preprocess(inputs)
         if self.kind == "linen":
             return self.module.apply({"params": params}, inputs)
         from flax import nnx

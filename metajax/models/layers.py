@@ -240,7 +240,8 @@ _fused_conv_bn_relu.defvjp(
 
 def conv_bn_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array,
                  shift: jax.Array, *, stride: int = 1, padding: int = 0, eps: float = 1e-5,
-                 impl: str = "auto") -> jax.Array:
+                 impl: str = "auto",
+                 stats: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
     """``relu(batch_norm(conv2d(x, kernel) + bias) * scale + shift)`` (NHWC, HWIO kernel).
 
     With ``impl="fused"`` (the CPU default) the block is one ``jax.custom_vjp`` whose backward
@@ -249,9 +250,35 @@ def conv_bn_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Ar
     im2col. The backward is itself plain differentiable JAX, so reverse-over-reverse (the
     second-order MAML meta-gradient) differentiates through it. Forward-mode (``jax.jvp``)
     is not available for the fused block; use ``impl="patches"`` for that.
+
+    ``stats=(mean, var)`` normalises with those fixed statistics instead of the batch's
+    (evaluation with running averages, e.g. MAML++'s per-step running statistics).
     """
     impl = resolve_conv_impl(impl)
+    if stats is not None:
+        # Fixed statistics (running averages): an affine map of the conv output, so the conv
+        # bias matters here; the fused block's batch-statistics backward does not apply.
+        mean, var = stats
+        y = conv2d(x, kernel, bias, stride=stride, padding=padding,
+                   impl="patches" if impl == "fused" else impl)
+        return jax.nn.relu((y - mean) * lax.rsqrt(var + eps) * scale + shift)
     if impl == "fused":
         return _fused_conv_bn_relu(x, kernel, bias, scale, shift, stride, padding, eps)
     y = conv2d(x, kernel, bias, stride=stride, padding=padding, impl=impl)
     return jax.nn.relu(batch_norm(y, scale, shift, eps=eps))
+
+
+def conv_bn_statistics(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, stride: int = 1,
+                       padding: int = 0, impl: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """Per-channel batch mean and unbiased variance of ``conv2d(x, kernel) + bias``.
+
+    What a batch-norm layer after this convolution would record as running statistics
+    (PyTorch's convention: the unbiased variance is the one that is averaged).
+    """
+    impl = resolve_conv_impl(impl)
+    y = conv2d(x, kernel, bias, stride=stride, padding=padding,
+               impl="patches" if impl == "fused" else impl)
+    count = y.size // y.shape[-1]
+    mean = jnp.mean(y, axis=(0, 1, 2))
+    var = jnp.sum(jnp.square(y - mean), axis=(0, 1, 2)) / max(count - 1, 1)
+    return mean, var

@@ -35,6 +35,41 @@ MetaLoss = Callable[[PyTree, TaskBatch, jax.Array], tuple[jax.Array, dict]]
 TaskSampler = Callable[[jax.Array], TaskBatch]
 
 
+# A meta-loss may return, under this metrics key, new values for meta-parameter leaves that
+# are state rather than weights (e.g. batch-norm running statistics): a dict from the leaf's
+# "/"-joined key path in the meta-params to its new value. The outer step writes them in
+# place of the optimizer's update, in the same compiled call, like Flax's mutable collections.
+STATE_UPDATES = "state_updates"
+
+
+def leaf_paths(tree: PyTree) -> dict[str, Any]:
+    """``{"a/b/c": leaf}`` for the leaves of a pytree of dicts (the state-update key format)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+            for path, leaf in flat}
+
+
+def apply_state_updates(params: PyTree, updates: dict | None) -> PyTree:
+    """``params`` with the leaves named in ``updates`` (see ``STATE_UPDATES``) replaced."""
+    if not updates:
+        return params
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+             for path, _ in flat]
+    unknown = sorted(set(updates) - set(names))
+    if unknown:
+        raise KeyError(f"state updates name leaves the meta-parameters do not have: {unknown}; "
+                       f"valid paths look like {names[:3]}.")
+    leaves = []
+    for name, (_, leaf) in zip(names, flat):
+        new = updates.get(name, leaf)
+        if jnp.shape(new) != jnp.shape(leaf):
+            raise ValueError(f"state update for {name!r} has shape {jnp.shape(new)}, the leaf "
+                             f"has {jnp.shape(leaf)}.")
+        leaves.append(jnp.asarray(new, jnp.result_type(leaf)))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def takes_step(meta_loss: Callable) -> bool:
     """Whether ``meta_loss`` accepts a ``step`` keyword (schedules such as MAML++'s annealing)."""
     try:
@@ -56,6 +91,8 @@ def meta_update(state: TrainState, batch: TaskBatch, *, meta_loss: MetaLoss,
         state.params, batch, loss_rng, **extra)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    params = apply_state_updates(params, metrics.pop(STATE_UPDATES, None))
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, metrics
