@@ -54,6 +54,9 @@ class OmniglotConfig:
     embedding_dim: int = field(0, "protonet/matchingnet: 0 embeds with the Conv4 features (64, no "
                                "head, as in the papers); D > 0 adds a linear layer to D")
     full_context: bool = field(False, "matchingnet: full context embeddings (LSTMs)")
+    embed_jointly: bool = field(False, "protonet/matchingnet: embed support and query in one "
+                                "batch (batch norm then uses the whole episode's statistics, "
+                                "as in the ProtoNet authors' code)")
     attention_scale: float = field(1.0, "matchingnet: scale of the cosine similarities before the "
                                    "attention softmax (1 in the paper; ReLU features keep cosines "
                                    "in [0, 1], so a larger scale sharpens the attention)")
@@ -181,6 +184,7 @@ def build_algorithm(config: OmniglotConfig, key, num_train_classes: int):
                                task_map=resolve_task_map(config.task_map),
                                full_context=config.full_context, num_classes=num_train_classes,
                                scale=config.attention_scale, per_step_bn=config.per_step_bn,
+                               embed_jointly=config.embed_jointly,
                                **_mamlpp_options(config))
     init_key = jax.random.fold_in(key, 1)
     if config.algo == "matchingnet" and config.full_context:

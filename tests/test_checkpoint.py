@@ -19,7 +19,7 @@ import optax
 import pytest
 
 import metajax as mj
-from metajax.training.checkpoint import Checkpointer, CheckpointWarning
+from metajax.training.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointWarning
 from metajax.training.guards import NonFiniteError, skip_nonfinite, skipped_updates
 from metajax.training.runner import run_fused_training
 
@@ -139,6 +139,19 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, damage):
     assert jnp.array_equal(jax.random.key_data(restored.state.rng), jax.random.key_data(expected.rng))
     assert (tmp_path / "corrupt-3").is_dir() and fresh.all_steps() == [1, 2]
     assert fresh.save(_small_state(3)) and fresh.all_steps() == [1, 2, 3]  # step 3 can be rewritten
+
+
+def test_checkpoint_of_another_structure_is_an_error_not_damage(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=5)
+    for step in (1, 2):
+        ckpt.save(_small_state(step))
+    other = mj.create_train_state({"w": jnp.zeros(4), "b": jnp.zeros(())},
+                                  optax.sgd(1e-2, momentum=0.9), jax.random.key(7))
+    with pytest.raises(CheckpointMismatchError, match="intact but does not fit"):
+        Checkpointer(str(tmp_path), max_to_keep=5).restore(other)
+    # Nothing was moved aside: the right template still restores the newest checkpoint.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+    assert Checkpointer(str(tmp_path), max_to_keep=5).restore(_small_state(0)).step == 2
 
 
 def test_keeps_last_n(tmp_path):

@@ -88,6 +88,26 @@ def test_metric_learners_learn_well_above_chance(learner):
     assert after > 0.6 and after > before + 0.3, (before, after)  # chance is 0.2
 
 
+def test_joint_embedding_uses_one_batch_for_support_and_query():
+    batch = _separable_tasks(jax.random.key(5), tasks=2)
+    params = {"w": jax.random.normal(jax.random.key(1), (16, 8))}
+    per_example = lambda p, x: x @ p["w"]  # no batch statistics: joint == separate
+    batch_normed = lambda p, x: mj.models.layers.batch_norm(x @ p["w"], axes=(0,))
+    for embed, same in ((per_example, True), (batch_normed, False)):
+        separate = mj.ProtoNet(embed).evaluate({"model": params}, batch)["loss"]
+        joint = mj.ProtoNet(embed, embed_jointly=True).evaluate({"model": params}, batch)["loss"]
+        assert np.allclose(separate, joint, atol=1e-5) == same
+    # Jointly, the support embeddings are normalised with the whole episode's statistics.
+    task = jax.tree_util.tree_map(lambda x: x[0], mj.core.tasks.as_tasks(batch))
+    both = batch_normed(params, jnp.concatenate([task.support_inputs, task.query_inputs]))
+    n = task.support_inputs.shape[0]
+    expected = mj.ProtoNet(batch_normed).logits({"model": params}, both[:n], task.support_targets,
+                                                None, both[n:])
+    np.testing.assert_allclose(
+        mj.ProtoNet(batch_normed, embed_jointly=True).task_logits({"model": params}, task),
+        expected, rtol=1e-5, atol=1e-5)
+
+
 def test_distillation_loss_interpolates_hard_and_soft_terms():
     z_student = jnp.array([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
     z_teacher = jnp.array([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0]])

@@ -51,12 +51,18 @@ class MetricLearner:
         with a loss over pytree targets, e.g. ``distillation_loss`` with
         ``distillation_accuracy`` (prototypes/attention use the ``"labels"`` entry of
         pytree support targets, see :func:`hard_labels`).
+      embed_jointly: embed support and query examples in one batch (``True``, as the
+        ProtoNet authors' code does) instead of two. It matters for networks with
+        batch-statistics batch norm: jointly, both sets are normalised with the statistics
+        of the whole episode, so the support embeddings of a 20-example 1-shot support set
+        are not normalised with those 20 examples alone.
     """
 
     embed_fn: Callable[[PyTree, PyTree], jax.Array]
     loss_fn: LossFn = cross_entropy
     task_map: TaskMap = "vmap"
     accuracy_fn: Callable[[jax.Array, PyTree], jax.Array] = accuracy
+    embed_jointly: bool = False
 
     def init(self, params: PyTree) -> dict:
         return {"model": params}
@@ -69,8 +75,15 @@ class MetricLearner:
         """Query logits of one task, shape ``(N_query, N_support)``: one column per label value
         a support example could carry; absent classes get ``-inf``-like logits."""
         embed = lambda x: self.embed_fn(meta_params["model"], x)
-        return self.logits(meta_params, embed(task.support_inputs), hard_labels(task.support_targets),
-                           task.support_mask, embed(task.query_inputs))
+        if self.embed_jointly:
+            n = jax.tree_util.tree_leaves(task.support_inputs)[0].shape[0]
+            both = embed(jax.tree_util.tree_map(lambda s, q: jnp.concatenate([s, q]),
+                                                task.support_inputs, task.query_inputs))
+            support, query = both[:n], both[n:]
+        else:
+            support, query = embed(task.support_inputs), embed(task.query_inputs)
+        return self.logits(meta_params, support, hard_labels(task.support_targets),
+                           task.support_mask, query)
 
     def task_loss(self, meta_params: dict, task: Task) -> tuple[jax.Array, dict]:
         logits = self.task_logits(meta_params, task)

@@ -68,8 +68,8 @@ _ACCEPTS = {
     "reptile": {"metric_fns", "task_map"},
     "imaml": {"metric_fns", "task_map", "lam", "cg_steps"},
     "pretrain": {"metric_fns", "task_map"},
-    "protonet": {"task_map", "distance"},
-    "matchingnet": {"task_map", "full_context", "scale"},
+    "protonet": {"task_map", "distance", "embed_jointly"},
+    "matchingnet": {"task_map", "full_context", "scale", "embed_jointly"},
     "baseline": {"metric_fns", "task_map", "num_classes"},
     "baselinepp": {"metric_fns", "task_map", "num_classes"},
 }

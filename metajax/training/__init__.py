@@ -3,7 +3,7 @@
 from metajax.training.steps import (make_eval_step, make_train_loop, make_train_step,
                                     mean_and_ci95, meta_update)
 from metajax.training.train_state import TrainState, create_train_state
-from metajax.training.checkpoint import Checkpointer, CheckpointWarning, Restored
+from metajax.training.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointWarning, Restored
 from metajax.training.guards import NonFiniteError, skip_nonfinite, skipped_updates
 from metajax.training.sharding import replicate, shard_tasks, task_mesh
 from metajax.training.metrics_log import MetricsLogger, read_jsonl

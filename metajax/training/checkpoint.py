@@ -46,6 +46,10 @@ PyTree = Any
 log = logging.getLogger(__name__)
 
 
+class CheckpointMismatchError(ValueError):
+    """An intact checkpoint does not fit the template (other model or optimizer settings)."""
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint was unreadable or corrupt and an earlier one was used instead."""
 
@@ -188,6 +192,13 @@ class Checkpointer:
             try:
                 return self._restore_step(template, s)
             except Exception as err:  # noqa: BLE001 - any failure means: not usable
+                if self._is_intact(s):
+                    # A good checkpoint of another structure: the caller's mistake (other
+                    # model or optimizer settings), not damage. Never move it aside.
+                    raise CheckpointMismatchError(
+                        f"checkpoint {self.directory}/{s} is intact but does not fit the state "
+                        f"being restored ({type(err).__name__}: {str(err)[:300]}); restore it "
+                        f"with the model and optimizer settings it was saved with.") from err
                 warnings.warn(
                     f"checkpoint {self.directory}/{s} is unreadable or corrupt "
                     f"({type(err).__name__}: {str(err)[:300]}); "
@@ -212,6 +223,18 @@ class Checkpointer:
         if int(jax.device_get(state.step)) != step:
             raise ValueError(f"restored state.step={int(state.step)} but checkpoint step is {step}")
         return Restored(state=state, step=step, config=meta.get("config"))
+
+    def _is_intact(self, step: int) -> bool:
+        """Whether checkpoint ``step`` reads back as saved (its digest matches), template-free."""
+        import orbax.checkpoint as ocp
+
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+            expected = restored["meta"].get("digest")
+            return expected is not None and tree_digest(restored["state"]) == expected
+        except Exception:  # noqa: BLE001 - unreadable means not intact
+            return False
 
     def _quarantine(self, step: int) -> None:
         """Moves a bad step directory aside so that it is neither restored nor overwritten."""
