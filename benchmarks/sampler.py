@@ -11,7 +11,9 @@ Measures
 Output modes (``MODES``): ``float32`` (the default, normalised inputs), ``uint8``
 (raw pixels; the model applies ``normalize_images`` inside its jitted step),
 ``uint8`` with rotations applied on the fly instead of stored rotated on the
-device, and ``uint8`` with ``sample_many(key, 4)`` (4 meta-batches per call).
+device, ``uint8`` with ``auto_layout=True`` (XLA picks the output layout, which
+saves XLA's CPU backend a copy of every meta-batch), and ``uint8`` with
+``sample_many(key, 4)`` (4 meta-batches per call), also with ``auto_layout``.
 Each figure is the median over rounds of back-to-back calls (async dispatch, one
 ``block_until_ready`` per round, i.e. every meta-batch of 32 tasks fully
 written to device memory), after compiling; the modes' rounds are interleaved.
@@ -55,7 +57,9 @@ MODES = {  # name -> (EpisodeSampler kwargs, meta-batches per call)
     "float32": ({}, 1),
     "uint8": ({"output_dtype": "uint8"}, 1),
     "uint8 rotate-on-the-fly": ({"output_dtype": "uint8", "materialize_rotations": False}, 1),
+    "uint8 auto_layout": ({"output_dtype": "uint8", "auto_layout": True}, 1),
     "uint8 sample_many(4)": ({"output_dtype": "uint8"}, 4),
+    "uint8 auto_layout sample_many(4)": ({"output_dtype": "uint8", "auto_layout": True}, 4),
 }
 
 

@@ -253,3 +253,42 @@ def test_sample_many_stacks_the_split_keys_batches():
         one = sampler(k)
         for x, y in zip(jax.tree_util.tree_leaves(many), jax.tree_util.tree_leaves(one)):
             np.testing.assert_array_equal(x[i], y)
+
+
+def test_unrolled_threefry_bits_match_jax_random_bits():
+    from metajax.data.episodes import _random_bits
+    for key in (jax.random.key(11), jax.random.PRNGKey(12), jax.random.fold_in(jax.random.key(1), 3)):
+        for size in (1, 7, 300):
+            np.testing.assert_array_equal(_random_bits(key, size),
+                                          jax.random.bits(key, (size,), jnp.uint32))
+    rbg = jax.random.key(0, impl="rbg")  # other PRNG implementations take jax.random.bits
+    np.testing.assert_array_equal(_random_bits(rbg, 5), jax.random.bits(rbg, (5,), jnp.uint32))
+    sampler = EpisodeSampler(coded_dataset(), n_way=3, k_shot=1, n_query=2, meta_batch_size=4)
+    assert sampler(rbg).query_inputs.shape == (4, 6, 6, 6, 1)
+
+
+@pytest.mark.parametrize("output_dtype", ["uint8", "float32"])
+def test_auto_layout_batches_equal_default_layout_and_traced_calls(output_dtype):
+    ds = coded_dataset(num_classes=9, max_examples=8).with_rotations()
+    kw = dict(n_way=4, k_shot=3, n_query=2, meta_batch_size=3, min_shot=1, output_dtype=output_dtype)
+    fast = EpisodeSampler(ds, **kw, auto_layout=True)
+    plain = EpisodeSampler(ds, **kw, auto_layout=False)
+    assert fast.auto_layout and not plain.auto_layout and fast.table.dtype == jnp.uint8
+    key = jax.random.key(5)
+    want = plain(key)
+    traced = jax.jit(fast)(key)  # inside a trace the default-layout jit is used
+    vmapped = jax.vmap(fast)(jax.random.split(key, 2))
+    for got in (fast(key), traced):
+        for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_array_equal(x, y)
+    second = plain(jax.random.split(key, 2)[1])
+    for got in (vmapped, fast.sample_many(key, 2), plain.sample_many(key, 2)):
+        for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(second)):
+            np.testing.assert_array_equal(x[1], y)
+    # the auto-layout arrays are ordinary arrays to every consumer
+    x = fast(key).support_inputs
+    total = jax.jit(lambda v: v.astype(jnp.float32).sum())(x)
+    np.testing.assert_allclose(total, np.asarray(want.support_inputs, np.float64).sum(), rtol=1e-6)
+    np.testing.assert_array_equal(jnp.stack([x, x])[1], want.support_inputs)
+    with pytest.raises(ValueError, match="materialize_rotations=True"):
+        EpisodeSampler(ds, **kw, auto_layout=True, materialize_rotations=False)
