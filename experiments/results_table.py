@@ -70,7 +70,10 @@ def command(experiment: str, config: dict) -> str:
     cls = getattr(load_experiment(experiment), CONFIG_CLASSES[experiment])
     flags = []
     for f in dataclasses.fields(cls):
-        if f.name not in config or config[f.name] == f.default or f.name in ("data_dir", "progress"):
+        saved = config.get(f.name)
+        if isinstance(saved, list):  # JSON turns the config's tuples into lists
+            saved = tuple(saved)
+        if f.name not in config or saved == f.default or f.name in ("data_dir", "progress"):
             continue
         value, flag = config[f.name], "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
