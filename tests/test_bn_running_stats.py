@@ -130,6 +130,7 @@ def test_running_mode_with_a_batchs_own_statistics_equals_batch_mode():
                                  - apply_fn(params, x)))) > 1e-2
 
 
+@pytest.mark.slow  # the experiment test runs --eval-bn running end to end in the default suite
 def test_non_transductive_evaluation_runs_per_step_and_beyond_trained_steps():
     apply_fn, params = _model()
     batch = _batch()
