@@ -42,11 +42,13 @@ TaskSampler = Callable[[jax.Array], TaskBatch]
 STATE_UPDATES = "state_updates"
 
 
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def leaf_paths(tree: PyTree) -> dict[str, Any]:
     """``{"a/b/c": leaf}`` for the leaves of a pytree of dicts (the state-update key format)."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-            for path, leaf in flat}
+    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def apply_state_updates(params: PyTree, updates: dict | None) -> PyTree:
@@ -54,8 +56,7 @@ def apply_state_updates(params: PyTree, updates: dict | None) -> PyTree:
     if not updates:
         return params
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    names = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-             for path, _ in flat]
+    names = [_path_name(path) for path, _ in flat]
     unknown = sorted(set(updates) - set(names))
     if unknown:
         raise KeyError(f"state updates name leaves the meta-parameters do not have: {unknown}; "
