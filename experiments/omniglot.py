@@ -20,6 +20,7 @@ import time
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -53,6 +54,9 @@ class OmniglotConfig:
                                       "with 2 examples (default 64)")
     embedding_dim: int = field(0, "protonet/matchingnet: 0 embeds with the Conv4 features (64, no "
                                "head, as in the papers); D > 0 adds a linear layer to D")
+    pool: str = field("mean", "how the last 2x2x64 feature map becomes the features: mean "
+                      "(64, the MAML network) or flatten (256; embedding learners gain from "
+                      "keeping the layout)", choices=("mean", "flatten"))
     full_context: bool = field(False, "matchingnet: full context embeddings (LSTMs)")
     embed_jointly: bool = field(False, "protonet/matchingnet: embed support and query in one "
                                 "batch (batch norm then uses the whole episode's statistics, "
@@ -62,6 +66,9 @@ class OmniglotConfig:
                                    "in [0, 1], so a larger scale sharpens the attention)")
     shots: int = field(1, "K: support examples per class")
     query: int = field(15, "query examples per class (training and test)")
+    eval_query: Optional[int] = field(None, "query examples per class of validation and test "
+                                      "tasks (default: --query), e.g. a cheap --query 2 for "
+                                      "training and the usual 5 or 15 for the test")
     inner_steps: int = field(1, "inner steps at meta-training")
     eval_inner_steps: int = field(3, "inner steps at meta-test")
     inner_lr: float = field(0.4, "inner step size")
@@ -69,6 +76,10 @@ class OmniglotConfig:
     meta_lr: float = field(1e-3, "Adam step size of the outer loop")
     lr_halve_every: int = field(0, "halve the outer step size every N iterations (the ProtoNet "
                                 "paper: 2000); 0 keeps it constant")
+    lr_schedule: str = field("step", "outer step size: step (--lr-halve-every), or cosine / "
+                             "linear decay from --meta-lr to 0 over --iterations (for a "
+                             "time budget, set --iterations to what fits in it)",
+                             choices=("step", "cosine", "linear"))
     init_from: Optional[str] = field(None, "start from the newest checkpoint of another run directory "
                                      "(same algorithm and network); with --iterations 0 this "
                                      "only evaluates it, e.g. a 60-way ProtoNet at 20 ways")
@@ -130,7 +141,8 @@ def build_samplers(config: OmniglotConfig, dataset) -> dict:
                                  seed=config.seed)
         batch = config.meta_batch if role == "train" else config.eval_batch
         ways = config.train_ways if role == "train" and config.train_ways else config.ways
-        shape = dict(k_shot=config.shots, n_query=config.query)
+        query = config.query if role == "train" or config.eval_query is None else config.eval_query
+        shape = dict(k_shot=config.shots, n_query=query)
         if role == "train" and config.algo in algorithm_names("classifier"):
             # Supervised batches over all training classes, labelled with the class ids.
             ways = config.train_ways or 64
@@ -174,9 +186,10 @@ def build_algorithm(config: OmniglotConfig, key, num_train_classes: int):
                          f"--algo {config.algo} normalises with batch statistics only.")
     conv4, params = init_omniglot_conv4(key, ways=outputs, hidden=config.hidden,
                                         conv_impl=config.conv_impl, image_size=config.image_size,
-                                        running_stats=config.bn_running_stats)
+                                        running_stats=config.bn_running_stats, pool=config.pool)
     apply_fn = dataclasses.replace(conv4, preprocess=normalize_images)
-    features = outputs or conv4.module.hidden
+    sample = jnp.zeros((2, config.image_size, config.image_size, 1), jnp.uint8)
+    features = jax.eval_shape(apply_fn, params, sample).shape[-1]
     inner = mj.InnerLoop(steps=config.inner_steps, learning_rate=config.inner_lr,
                          remat=config.remat)
     algorithm = make_algorithm(config.algo, apply_fn, mj.cross_entropy, params, inner,
@@ -210,6 +223,14 @@ def curve_from_log(run_dir: str) -> dict:
 
 
 def meta_lr_schedule(config: OmniglotConfig):
+    if config.lr_schedule != "step":
+        if config.lr_halve_every:
+            raise ValueError(f"--lr-halve-every is the step schedule's; --lr-schedule "
+                             f"{config.lr_schedule} decays over --iterations instead. Drop one.")
+        horizon = max(config.iterations, 1)  # --iterations 0 only evaluates
+        if config.lr_schedule == "cosine":
+            return optax.cosine_decay_schedule(config.meta_lr, horizon)
+        return optax.linear_schedule(config.meta_lr, 0.0, horizon)
     if config.lr_halve_every < 0:
         raise ValueError(f"--lr-halve-every must be >= 0, got {config.lr_halve_every}.")
     if config.lr_halve_every == 0:

@@ -58,6 +58,18 @@ def test_omniglot_conv4_init_distribution():
     assert 0.7 < float(jnp.std(params["head_kernel"])) < 1.3
 
 
+def test_conv4_pool_flatten_keeps_the_spatial_layout():
+    mean_fn, params = init_omniglot_conv4(jax.random.key(0), ways=None)
+    flat_fn, flat_params = init_omniglot_conv4(jax.random.key(0), ways=None, pool="flatten")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, flat_params)  # same weights
+    x = jax.random.uniform(jax.random.key(1), (6, 28, 28, 1))
+    mean, flat = mean_fn(params, x), flat_fn(params, x)
+    assert flat.shape == (6, 256)  # 2 x 2 x 64, channels minor
+    np.testing.assert_allclose(flat.reshape(6, 4, 64).mean(axis=1), mean, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        init_omniglot_conv4(jax.random.key(0), ways=None, pool="max")
+
+
 def test_miniimagenet_conv4_shapes():
     apply_fn, params = init_miniimagenet_conv4(jax.random.key(0), ways=5)
     assert _count(params) == 32_901  # learn2learn MiniImagenetCNN(5): 4x32 filters, 800 -> 5

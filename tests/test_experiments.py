@@ -112,6 +112,29 @@ def test_omniglot_embedding_learners_baselines_init_from_and_distillation(
         distill.main(["--teacher", str(tmp_path / "bpp"), "--out", str(tmp_path / "z")] + data)
 
 
+def test_omniglot_eval_query_and_meta_lr_schedules(omniglot_full):
+    omniglot = _load("omniglot")
+    parse = lambda *flags: omniglot.parse_config(omniglot.OmniglotConfig, list(flags))
+    config = parse("--algo", "protonet", "--ways", "20", "--train-ways", "60", "--query", "2",
+                   "--eval-query", "5")
+    samplers = omniglot.build_samplers(config, omniglot_full)
+    assert (samplers["train"].spec.n_way, samplers["train"].spec.n_query) == (60, 2)
+    for role in ("val", "test"):
+        assert (samplers[role].spec.n_way, samplers[role].spec.n_query) == (20, 5)
+    assert samplers["test"].spec.n_query == 5
+    no_eval_query = omniglot.build_samplers(parse("--query", "3"), omniglot_full)
+    assert no_eval_query["test"].spec.n_query == 3
+
+    cosine = omniglot.meta_lr_schedule(parse("--lr-schedule", "cosine", "--iterations", "100"))
+    linear = omniglot.meta_lr_schedule(parse("--lr-schedule", "linear", "--iterations", "100"))
+    step = omniglot.meta_lr_schedule(parse("--lr-halve-every", "40"))
+    assert [round(float(cosine(i)), 7) for i in (0, 50, 100)] == [1e-3, 5e-4, 0.0]
+    assert [round(float(linear(i)), 7) for i in (0, 25, 100)] == [1e-3, 7.5e-4, 0.0]
+    assert [round(float(step(i)), 7) for i in (0, 39, 40, 80)] == [1e-3, 1e-3, 5e-4, 2.5e-4]
+    with pytest.raises(ValueError, match="Drop one"):
+        omniglot.meta_lr_schedule(parse("--lr-schedule", "cosine", "--lr-halve-every", "10"))
+
+
 def test_omniglot_mamlpp_with_per_step_running_statistics(tmp_path, omniglot_root, omniglot_full,
                                                           omniglot_cache_dir):
     omniglot = _load("omniglot")

@@ -233,13 +233,18 @@ def _ranks(u: jax.Array) -> jax.Array:
 def _take_by_rank(values: jax.Array, ranks: jax.Array, m: int) -> jax.Array:
     """``out[r, b] = values[i, b]`` where ``ranks[i, b] == r``, for ``r < m`` (batch-last).
 
-    A reduction over the leading axis on purpose: XLA's CPU backend does not fuse
-    a reduction into its consumer, so the indices are computed once. As an
-    elementwise sum it would be fused into the image gather and recomputed, with
-    the whole index sampling, for every byte gathered (about 2x slower for Omniglot).
+    ``ranks`` holds a permutation of ``0..L-1`` in every column (see :func:`_ranks`),
+    so this is a scatter with unique indices: one write per element. XLA's CPU
+    backend runs it as one cheap loop; the equivalent one-hot reduction
+    (``sum_i where(ranks[i] == r, values[i], 0)``) got the rank computation fused
+    into it, recomputing all ``L^2`` comparisons for each of the ``m`` outputs: about
+    1.7x slower for a whole 5-way 1-shot 15-query meta-batch.
     """
-    onehot = ranks[:, None, :] == jnp.arange(m)[None, :, None]
-    return jnp.sum(jnp.where(onehot, values[:, None, :], 0), axis=0).astype(jnp.int32)
+    length, batch = ranks.shape
+    columns = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[None, :], (length, batch))
+    out = jnp.zeros((length, batch), jnp.int32).at[ranks, columns].set(
+        values.astype(jnp.int32), unique_indices=True, mode="promise_in_bounds")
+    return out[:m]
 
 
 def _swr_uniform_shapes(batch: int, m: int, max_size: int) -> list:

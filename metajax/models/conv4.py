@@ -48,6 +48,7 @@ from metajax.models.functional import FunctionalModel
 from metajax.models.layers import conv_bn_relu, conv_bn_statistics, max_pool2d
 
 BN_MODES = ("batch", "running", "collect")
+POOLS = ("auto", "mean", "flatten")
 
 
 def _uniform01(key, shape, dtype=jnp.float32):
@@ -65,6 +66,11 @@ class Conv4(nn.Module):
       layers: number of conv blocks.
       max_pool: ``False``: stride-2 convs and a spatial mean before the head (Omniglot).
         ``True``: stride-1 convs, 2x2 max-pool after each block, flatten (mini-ImageNet).
+      pool: how the last feature map becomes the feature vector: ``"mean"`` (spatial
+        mean, ``hidden`` features), ``"flatten"`` (``H*W*hidden`` features, keeps where
+        each feature is), or ``"auto"``: ``"flatten"`` with ``max_pool``, else ``"mean"``
+        (the two published networks). With ``ways=None``, ``"flatten"`` on the Omniglot
+        network gives a 256-d embedding (2x2x64) instead of 64-d, at no extra compute.
       conv_impl: ``"auto"``, ``"patches"`` or ``"lax"`` (see :mod:`metajax.models.layers`).
       bn_eps: batch-norm epsilon (PyTorch's default 1e-5).
       running_stats: also create batch-norm running statistics ``bn{i}_mean`` (zeros) and
@@ -81,6 +87,7 @@ class Conv4(nn.Module):
     hidden: int = 64
     layers: int = 4
     max_pool: bool = False
+    pool: str = "auto"
     conv_impl: str = "auto"
     bn_eps: float = 1e-5
     running_stats: bool = False
@@ -93,6 +100,8 @@ class Conv4(nn.Module):
         if self.bn_mode == "running" and not self.running_stats:
             raise ValueError("bn_mode='running' needs running_stats=True (the model has no "
                              "bn{i}_mean / bn{i}_var to normalise with).")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}.")
         if x.ndim == 3:  # (N, H, W) grayscale
             x = x[..., None]
         stride = 1 if self.max_pool else 2
@@ -118,7 +127,7 @@ class Conv4(nn.Module):
                 x = max_pool2d(x, 2)
         if self.bn_mode == "collect":
             return collected
-        if self.max_pool:
+        if self.pool == "flatten" or (self.pool == "auto" and self.max_pool):
             x = x.reshape(x.shape[0], -1)
         else:
             x = jnp.mean(x, axis=(1, 2))
@@ -131,10 +140,13 @@ class Conv4(nn.Module):
 
 def init_omniglot_conv4(key: jax.Array, ways: Optional[int] = 5, hidden: int = 64,
                         conv_impl: str = "auto", image_size: int = 28,
-                        channels: int = 1, running_stats: bool = False
+                        channels: int = 1, running_stats: bool = False, pool: str = "mean"
                         ) -> tuple[FunctionalModel, Any]:
-    """learn2learn's ``OmniglotCNN`` as ``(apply_fn, params)`` (inputs ``(N, 28, 28, 1)``)."""
-    module = Conv4(ways=ways, hidden=hidden, max_pool=False, conv_impl=conv_impl,
+    """learn2learn's ``OmniglotCNN`` as ``(apply_fn, params)`` (inputs ``(N, 28, 28, 1)``).
+
+    ``pool="flatten"`` keeps the 2x2 spatial layout of the last block (see :class:`Conv4`).
+    """
+    module = Conv4(ways=ways, hidden=hidden, max_pool=False, pool=pool, conv_impl=conv_impl,
                    running_stats=running_stats)
     return init_conv4(module, key, (image_size, image_size, channels))
 
