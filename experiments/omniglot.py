@@ -55,8 +55,9 @@ class OmniglotConfig:
     embedding_dim: int = field(0, "protonet/matchingnet: 0 embeds with the Conv4 features (64, no "
                                "head, as in the papers); D > 0 adds a linear layer to D")
     pool: str = field("mean", "how the last 2x2x64 feature map becomes the features: mean "
-                      "(64, the MAML network) or flatten (256; embedding learners gain from "
-                      "keeping the layout)", choices=("mean", "flatten"))
+                      "(64, the MAML network) or flatten (256, keeps the spatial layout; "
+                      "no better for 20-way ProtoNet in a short A/B, see README)",
+                      choices=("mean", "flatten"))
     full_context: bool = field(False, "matchingnet: full context embeddings (LSTMs)")
     embed_jointly: bool = field(False, "protonet/matchingnet: embed support and query in one "
                                 "batch (batch norm then uses the whole episode's statistics, "
