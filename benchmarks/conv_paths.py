@@ -7,7 +7,7 @@ meaningful. Each variant is ``conv_impl:task_map``:
   conv_impl  lax      lax.conv_general_dilated (autodiff derivatives)
              patches  im2col (strided slices + concat) + matmul (autodiff derivatives)
              fused    patches forward + hand-written conv/batch-norm/ReLU backward (custom_vjp)
-  task_map   vmap | map | <int chunk size>
+  task_map   vmap | map | accumulate | <int chunk size>
   options    optional third field for fused: +materialize / -phase_dx (layers.FUSED_OPTIONS)
 
 Usage:
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from maml_step import CONFIGS, USEFUL_GFLOP, build_step, make_batch, parse_task_map  # noqa: E402
 
-DEFAULT_VARIANTS = "fused:vmap,fused:map,fused:8,patches:vmap,patches:map"
+DEFAULT_VARIANTS = "fused:accumulate,fused:map,fused:vmap,fused:8,patches:accumulate"
 
 
 def main(argv=None):

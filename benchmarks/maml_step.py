@@ -84,7 +84,7 @@ def make_batch(cfg: dict, seed: int):
 
 
 def parse_task_map(value: str):
-    """``"auto"`` is ``"map"`` on CPU (fastest in benchmarks/conv_paths.py) and ``"vmap"`` elsewhere."""
+    """``"auto"`` is ``"accumulate"`` on CPU (fastest in benchmarks/conv_paths.py), ``"vmap"`` elsewhere."""
     from metajax.core.task_map import resolve_task_map
     return resolve_task_map(value)
 
@@ -183,7 +183,8 @@ def main(argv=None):
     parser.add_argument("--configs", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     parser.add_argument("--conv-impl", default="auto", choices=["auto", "fused", "patches", "lax"])
     parser.add_argument("--task-map", default="auto",
-                        help="vmap, map, an int chunk size, or auto (map on CPU, vmap elsewhere)")
+                        help="vmap, map, accumulate, an int chunk size, or auto (accumulate on CPU, "
+                        "vmap elsewhere)")
     parser.add_argument("--remat", action="store_true", help="jax.checkpoint each inner step")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)

@@ -103,8 +103,9 @@ class OmniglotConfig:
     val_tasks: int = field(100, "tasks per validation point")
     conv_impl: str = field("auto", "convolution implementation: auto, patches or lax",
                            choices=("auto", "patches", "lax"))
-    task_map: str = field("auto", "tasks in a meta-batch: vmap, map, a chunk size, or auto "
-                          "(map on CPU, vmap on accelerators)")
+    task_map: str = field("auto", "tasks in a meta-batch: vmap, map, accumulate (map with each "
+                          "task's gradient taken inside the loop), a chunk size, or auto "
+                          "(accumulate on CPU, vmap on accelerators)")
     remat: bool = field(False, "rematerialise inner steps (flat memory in the number of steps)")
     first_order_steps: int = field(0, "mamlpp: derivative-order annealing, first order for the "
                                    "first N iterations, then second order (same compiled step)")

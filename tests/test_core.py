@@ -273,16 +273,33 @@ def test_per_step_rates_and_adapt_mask():
                  rates=jax.tree_util.tree_map(lambda p: jnp.ones(2), params))
 
 
-@pytest.mark.parametrize("strategy", ["map", 2])
+@pytest.mark.parametrize("strategy", ["map", 2, "accumulate"])
 def test_task_map_strategies_agree_with_vmap(strategy):
     params = _small_mlp_params(jax.random.key(5), jnp.float32)
     batch = _sinusoid_batch(jax.random.key(6), jnp.float32, tasks=4)
-    grads = {}
+    grads, values = {}, {}
     for s in ("vmap", strategy):
-        maml = mj.MAML(apply_fn=_mlp_apply, loss_fn=mj.mse, task_map=s,
+        # learned per-parameter inner rates (Meta-SGD): the gradient reaches both meta-parameters
+        maml = mj.MAML(apply_fn=_mlp_apply, loss_fn=mj.mse, task_map=s, learn_inner_rates="per_parameter",
                        inner=mj.InnerLoop(steps=2, learning_rate=0.05))
-        grads[s] = jax.grad(lambda p: maml.meta_loss({"model": p}, batch)[0])(params)
+        meta = maml.init(params)
+        values[s], grads[s] = jax.jit(jax.value_and_grad(lambda p: maml.meta_loss(p, batch), has_aux=True))(meta)
     chex.assert_trees_all_close(grads["vmap"], grads[strategy], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(values["vmap"], values[strategy], rtol=1e-5, atol=1e-6)
+    assert float(_flatten(grads[strategy]["inner_rates"]).std()) > 0
+
+
+def test_accumulate_strategy_scales_by_the_outer_cotangent_and_zeroes_task_data():
+    from metajax.core.task_map import mean_loss_over_tasks
+    fn = lambda w, task: (jnp.sum((w * task["x"]) ** 2) + task["k"], {"k": task["k"]})
+    tasks = {"x": jnp.arange(6.0).reshape(3, 2), "k": jnp.arange(3)}
+    outer = lambda s: lambda w, t: 3.0 * mean_loss_over_tasks(fn, w, t, s)[0]
+    want = jax.grad(outer("vmap"), argnums=(0, 1), allow_int=True)(1.5, tasks)
+    got = jax.grad(outer("accumulate"), argnums=(0, 1), allow_int=True)(1.5, tasks)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)  # 3 * mean_i 2 w |x_i|^2
+    np.testing.assert_allclose(got[0], 3.0 * 2 * 1.5 * float(jnp.sum(tasks["x"] ** 2)) / 3, rtol=1e-6)
+    assert float(jnp.max(jnp.abs(got[1]["x"]))) == 0.0  # documented: no gradient to task data
+    assert got[1]["k"].dtype == jax.dtypes.float0
 
 
 def test_evaluate_tracks_every_step_and_remat_matches():

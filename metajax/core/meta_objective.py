@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from metajax.core.inner_loop import (ApplyFn, InnerLoop, MetricFns, adapt, select_step,
                                      task_loss_and_metrics)
 from metajax.core.losses import LossFn
-from metajax.core.task_map import TaskMap, map_over_tasks
+from metajax.core.task_map import TaskMap, map_over_tasks, mean_loss_over_tasks
 from metajax.core.tasks import Task, TaskBatch, as_tasks, validate_task_batch
 
 PyTree = Any
@@ -71,8 +71,8 @@ def meta_batch_loss(params: PyTree, batch: TaskBatch, *, task_map: TaskMap = "vm
         p, r = shared
         return adapted_task_loss(p, task, rates=r, **task_loss_kwargs)
 
-    losses, metrics = map_over_tasks(per_task, (params, rates), as_tasks(batch), task_map)
-    return jnp.mean(losses), jax.tree_util.tree_map(jnp.mean, metrics)
+    loss, metrics = mean_loss_over_tasks(per_task, (params, rates), as_tasks(batch), task_map)
+    return loss, jax.tree_util.tree_map(jnp.mean, metrics)
 
 
 def evaluate_adaptation(params: PyTree, batch: TaskBatch, *, apply_fn: ApplyFn, loss_fn: LossFn,
