@@ -70,7 +70,9 @@ class MAML:
       loss_fn: per-example task loss ``loss_fn(predictions, targets)`` (any user function).
       inner: inner-loop settings (steps, step size, optimizer, ``first_order``, ``remat``).
       metric_fns: per-example metrics reported on the query set, e.g. ``{"accuracy": mj.accuracy}``.
-      task_map: how tasks are batched: ``"vmap"``, ``"map"`` or an int chunk size.
+      task_map: how tasks are batched: ``"vmap"``, ``"map"``, ``"accumulate"`` (``"map"`` with
+        each task's meta-gradient computed inside the loop: memory of one task, the fastest
+        on CPU; see :func:`metajax.core.task_map.mean_loss_over_tasks`) or an int chunk size.
       adapt_mask: optional pytree of bools over the model params; ``False`` leaves are
         not adapted in the inner loop (ANIL adapts only the head).
       learn_inner_rates: ``None`` (fixed step size ``inner.learning_rate``), or learned inner

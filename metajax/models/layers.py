@@ -51,7 +51,9 @@ CONV_IMPLS = ("lax", "patches", "fused", "auto")
 # alternatives: "phase_dx" (sub-pixel input gradient for 3x3/2 convs, else dz @ W^T + col2im)
 # and "materialize" (an optimization barrier on each block's output, so XLA writes the
 # activation once instead of re-fusing batch norm + ReLU into every im2col slice).
-FUSED_OPTIONS = {"phase_dx": True, "materialize": False}
+# "phase_col2im": the transpose of im2col (what second-order MAML differentiates the fused
+# backward into) as four sub-pixel phases for 3x3/2 convs instead of nine full-size pads.
+FUSED_OPTIONS = {"phase_dx": True, "materialize": False, "phase_col2im": True}
 
 
 def resolve_conv_impl(impl: str = "auto", backend: Optional[str] = None) -> str:
@@ -150,9 +152,57 @@ def max_pool2d(x: jax.Array, window: int = 2, stride: Optional[int] = None) -> j
                              (1, stride, stride, 1), "VALID")
 
 
+def _col2im_3x3_stride2(dpatches: jax.Array, x_shape) -> jax.Array:
+    """The transpose of ``extract_patches(x, 3, 3, stride=2, padding=1)``, by sub-pixel phase.
+
+    Input pixel ``(2m + a, 2l + b)`` is read by the taps ``dy = 1`` (row phase ``a = 0``) or
+    ``dy in {0, 2}`` (``a = 1``) of the patches at rows ``m + 1`` and ``m``, likewise for
+    columns. So each of the four phases is a sum of one, two or four (shifted) tap blocks of
+    the patch cotangent at output resolution, and the pixel shuffle interleaves them: one
+    read of the patch cotangent and one write of the result, where the autodiff transpose
+    builds nine zero-padded full-size arrays and adds them up.
+    """
+    n, h, w, c = x_shape
+    ho, wo = dpatches.shape[1], dpatches.shape[2]
+    tap = lambda dy, dx: dpatches[..., (3 * dy + dx) * c:(3 * dy + dx + 1) * c]
+    up = lambda a: jnp.pad(a[:, 1:], ((0, 0), (0, 1), (0, 0), (0, 0)))     # row m <- m + 1
+    left = lambda a: jnp.pad(a[:, :, 1:], ((0, 0), (0, 0), (0, 1), (0, 0)))  # column l <- l + 1
+    phases = jnp.stack([
+        tap(1, 1),
+        tap(1, 2) + left(tap(1, 0)),
+        tap(2, 1) + up(tap(0, 1)),
+        tap(2, 2) + left(tap(2, 0)) + up(tap(0, 2)) + up(left(tap(0, 0))),
+    ], axis=3).reshape(n, ho, wo, 2, 2, c)
+    dx = jnp.transpose(phases, (0, 1, 3, 2, 4, 5)).reshape(n, 2 * ho, 2 * wo, c)
+    return dx[:, :h, :w]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _patches_phase_transpose(x, kh, kw, stride, padding):
+    return extract_patches(x, kh, kw, stride, padding)
+
+
+def _patches_phase_transpose_fwd(x, kh, kw, stride, padding):
+    return extract_patches(x, kh, kw, stride, padding), x.shape
+
+
+def _patches_phase_transpose_bwd(kh, kw, stride, padding, x_shape, dpatches):
+    return (_col2im_3x3_stride2(dpatches, x_shape),)
+
+
+_patches_phase_transpose.defvjp(_patches_phase_transpose_fwd, _patches_phase_transpose_bwd)
+
+
+def _fused_patches(x, kh, kw, stride, padding):
+    """im2col for the fused block: 3x3/2/pad-1 patches get the sub-pixel transpose."""
+    if (kh, kw, stride, padding) == (3, 3, 2, 1) and FUSED_OPTIONS["phase_col2im"]:
+        return _patches_phase_transpose(x, kh, kw, stride, padding)
+    return extract_patches(x, kh, kw, stride, padding)
+
+
 def _patch_matmul(x, kernel, stride, padding):
     kh, kw, cin, cout = kernel.shape
-    patches = extract_patches(x, kh, kw, stride, padding)
+    patches = _fused_patches(x, kh, kw, stride, padding)
     return jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(kh * kw * cin, cout))
 
 
@@ -222,7 +272,7 @@ def _fused_bwd(stride, padding, eps, res, dy):
     dscale = jnp.sum(dr * zhat, axis=axes)
     dz = (scale * rstd) * (dr - (dshift + zhat * dscale) / count)
     kh, kw, cin, cout = kernel.shape
-    patches = extract_patches(x, kh, kw, stride, padding)
+    patches = _fused_patches(x, kh, kw, stride, padding)
     # The GEMM kernels want the contraction axis (the rows here) minor in the left operand,
     # so XLA transposes the left operand: make that the narrower of dz and the patches.
     if cout < patches.shape[-1]:
