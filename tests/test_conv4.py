@@ -113,13 +113,13 @@ def test_conv_paths_agree_forward_and_backward(size, stride):
 @pytest.mark.parametrize("shape", [(2, 28, 28, 3), (3, 7, 7, 4), (2, 5, 6, 3)])
 def test_sub_pixel_col2im_is_the_transpose_of_im2col(shape):
     """The fused block's transpose of 3x3/2 im2col equals the autodiff transpose (odd sizes too)."""
-    from metajax.models.layers import _col2im_3x3_stride2, _patches_phase_transpose
+    from metajax.models.layers import _col2im_3x3_stride2, _patches_3x3_stride2
     x = jax.random.normal(jax.random.key(0), shape)
     patches, autodiff_vjp = jax.vjp(lambda x: extract_patches(x, 3, 3, 2, 1), x)
     cotangent = jax.random.normal(jax.random.key(1), patches.shape)
     want = autodiff_vjp(cotangent)[0]
     np.testing.assert_allclose(_col2im_3x3_stride2(cotangent, shape), want, atol=1e-5)
-    same, custom_vjp = jax.vjp(lambda x: _patches_phase_transpose(x, 3, 3, 2, 1), x)
+    same, custom_vjp = jax.vjp(_patches_3x3_stride2, x)
     np.testing.assert_array_equal(same, patches)
     np.testing.assert_allclose(custom_vjp(cotangent)[0], want, atol=1e-5)
 

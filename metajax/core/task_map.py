@@ -85,7 +85,7 @@ def mean_loss_over_tasks(fn: Callable[[PyTree, PyTree], tuple[jax.Array, PyTree]
 
     @jax.custom_vjp
     def mean_loss(shared, tasks):
-        losses, aux = jax.lax.map(lambda task: fn(shared, task), tasks)
+        losses, aux = map_over_tasks(fn, shared, tasks, "map")
         return jnp.mean(losses), aux
 
     def mean_loss_fwd(shared, tasks):

@@ -152,6 +152,12 @@ def max_pool2d(x: jax.Array, window: int = 2, stride: Optional[int] = None) -> j
                              (1, stride, stride, 1), "VALID")
 
 
+def _pixel_shuffle(phases: jax.Array, h: int, w: int) -> jax.Array:
+    """``(N, Ho, Wo, 2, 2, C)`` sub-pixel phases ``[a, b]`` -> pixel ``(2i + a, 2j + b)``, cropped to ``h x w``."""
+    n, ho, wo, _, _, c = phases.shape
+    return jnp.transpose(phases, (0, 1, 3, 2, 4, 5)).reshape(n, 2 * ho, 2 * wo, c)[:, :h, :w]
+
+
 def _col2im_3x3_stride2(dpatches: jax.Array, x_shape) -> jax.Array:
     """The transpose of ``extract_patches(x, 3, 3, stride=2, padding=1)``, by sub-pixel phase.
 
@@ -173,30 +179,23 @@ def _col2im_3x3_stride2(dpatches: jax.Array, x_shape) -> jax.Array:
         tap(2, 1) + up(tap(0, 1)),
         tap(2, 2) + left(tap(2, 0)) + up(tap(0, 2)) + up(left(tap(0, 0))),
     ], axis=3).reshape(n, ho, wo, 2, 2, c)
-    dx = jnp.transpose(phases, (0, 1, 3, 2, 4, 5)).reshape(n, 2 * ho, 2 * wo, c)
-    return dx[:, :h, :w]
+    return _pixel_shuffle(phases, h, w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _patches_phase_transpose(x, kh, kw, stride, padding):
-    return extract_patches(x, kh, kw, stride, padding)
+@jax.custom_vjp
+def _patches_3x3_stride2(x):
+    """``extract_patches(x, 3, 3, stride=2, padding=1)`` whose transpose is the sub-pixel col2im."""
+    return extract_patches(x, 3, 3, 2, 1)
 
 
-def _patches_phase_transpose_fwd(x, kh, kw, stride, padding):
-    return extract_patches(x, kh, kw, stride, padding), x.shape
-
-
-def _patches_phase_transpose_bwd(kh, kw, stride, padding, x_shape, dpatches):
-    return (_col2im_3x3_stride2(dpatches, x_shape),)
-
-
-_patches_phase_transpose.defvjp(_patches_phase_transpose_fwd, _patches_phase_transpose_bwd)
+_patches_3x3_stride2.defvjp(lambda x: (extract_patches(x, 3, 3, 2, 1), x.shape),
+                            lambda x_shape, dpatches: (_col2im_3x3_stride2(dpatches, x_shape),))
 
 
 def _fused_patches(x, kh, kw, stride, padding):
     """im2col for the fused block: 3x3/2/pad-1 patches get the sub-pixel transpose."""
     if (kh, kw, stride, padding) == (3, 3, 2, 1) and FUSED_OPTIONS["phase_col2im"]:
-        return _patches_phase_transpose(x, kh, kw, stride, padding)
+        return _patches_3x3_stride2(x)
     return extract_patches(x, kh, kw, stride, padding)
 
 
@@ -233,8 +232,7 @@ def _conv_input_grad(dz, kernel, x_shape, stride, padding):
                   [zero, zero, zero, kt[0, 0]]]
         wmat = jnp.concatenate([jnp.concatenate(row, axis=1) for row in blocks], axis=0)
         phases = jnp.einsum("nhwk,kc->nhwc", shifted, wmat).reshape(n, ho, wo, 2, 2, cin)
-        dx = jnp.transpose(phases, (0, 1, 3, 2, 4, 5)).reshape(n, 2 * ho, 2 * wo, cin)
-        return dx[:, :h, :w]
+        return _pixel_shuffle(phases, h, w)
     dpatches = jnp.einsum("nhwo,ko->nhwk", dz, kernel.reshape(kh * kw * cin, cout))
     _, vjp = jax.vjp(lambda x: extract_patches(x, kh, kw, stride, padding),
                      jnp.zeros(x_shape, dz.dtype))
