@@ -35,6 +35,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 CONFIGS = {
@@ -106,15 +107,21 @@ def build_step(cfg: dict, conv_impl: str, task_map, remat: bool = False):
     return mj.make_train_step(maml.meta_loss, optimizer), state
 
 
+def _flops(cost) -> float:
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", float("nan")))
+
+
 def run_child(spec: dict) -> dict:
     """Benchmarks one configuration in this process and returns the result dict."""
     import jax
     import numpy as np
     from metajax.models.layers import resolve_conv_impl
-    if spec.get("threads"):
-        pass  # threads are set through XLA_FLAGS by the parent before JAX starts
     name = spec["config"]
     cfg = CONFIGS[name]
+    if spec.get("cache_dir"):
+        from metajax.training.compile_cache import enable_compilation_cache
+        enable_compilation_cache(spec["cache_dir"], min_compile_time_s=0.0)
     rss_imports = _peak_rss_mb()
     task_map = parse_task_map(spec["task_map"])
     step, state = build_step(cfg, spec["conv_impl"], task_map, spec.get("remat", False))
@@ -123,17 +130,6 @@ def run_child(spec: dict) -> dict:
     compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
     rss_compiled = _peak_rss_mb()
-    if task_map != "vmap":
-        # XLA's cost analysis counts a while-loop body once, so count FLOPs on the vmap
-        # lowering of the same step (pre-optimisation HLO; no second compile needed).
-        vstep, vstate = build_step(cfg, spec["conv_impl"], "vmap", spec.get("remat", False))
-        cost = vstep.lower(vstate, batches[0]).cost_analysis()
-    else:
-        cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    # NB: the inner loop is a lax.scan, also counted once: for inner_steps > 1 the XLA
-    # count is a lower bound; useful_gflops_per_s (the ../shared/bench count) is exact.
-    xla_flops = float((cost or {}).get("flops", float("nan")))
     for i in range(spec["warmup"]):
         state, metrics = compiled(state, batches[i % 4])
     jax.block_until_ready(state)
@@ -145,7 +141,18 @@ def run_child(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(float(metrics["loss"]))
     sec = float(np.median(times))
-    rss_steps = _peak_rss_mb()  # the workload's peak, before the matmul-peak measurement's arrays
+    rss_steps = _peak_rss_mb()  # the workload's peak, before the FLOP count and the matmul peak
+    if not spec.get("count_flops", True):
+        xla_flops = float("nan")
+    elif task_map != "vmap":
+        # XLA's cost analysis counts a while-loop body once, so count FLOPs on the vmap
+        # lowering of the same step (pre-optimisation HLO; no second compile needed).
+        vstep, vstate = build_step(cfg, spec["conv_impl"], "vmap", spec.get("remat", False))
+        xla_flops = _flops(vstep.lower(vstate, batches[0]).cost_analysis())
+    else:
+        xla_flops = _flops(compiled.cost_analysis())
+    # NB: the inner loop is a lax.scan, also counted once: for inner_steps > 1 the XLA
+    # count is a lower bound; useful_gflops_per_s (the ../shared/bench count) is exact.
     peak = matmul_peak_gflops() if spec.get("peak", True) else float("nan")
     useful = USEFUL_GFLOP[name]
     return {
@@ -177,6 +184,16 @@ def run_child(spec: dict) -> dict:
     }
 
 
+def _run_child_process(spec: dict, env: dict) -> dict:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT_JSON ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"config {spec['config']} failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT_JSON "):])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,6 +208,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0,
                         help="limit XLA:CPU intra-op threads (0: XLA's default)")
     parser.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
+    parser.add_argument("--no-warm-cache", action="store_true",
+                        help="skip the second run of each config that loads the step from the "
+                        "persistent compilation cache the first run wrote")
     parser.add_argument("--json", action="store_true", help="one JSON object per config")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -208,23 +228,29 @@ def main(argv=None):
         spec = dict(config=name, conv_impl=args.conv_impl, task_map=args.task_map,
                     remat=args.remat, steps=args.steps, warmup=args.warmup,
                     peak=not args.no_peak)
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
-                               json.dumps(spec)], capture_output=True, text=True, env=env)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT_JSON ")]
-        if proc.returncode != 0 or not lines:
-            sys.stderr.write(proc.stdout + proc.stderr)
-            raise SystemExit(f"config {name} failed (exit {proc.returncode})")
-        res = json.loads(lines[-1][len("RESULT_JSON "):])
+        if args.no_warm_cache:
+            res = _run_child_process(spec, env)
+        else:
+            with tempfile.TemporaryDirectory(prefix="maml_step_cache_") as cache_dir:
+                res = _run_child_process(dict(spec, cache_dir=cache_dir), env)  # compiles, stores
+                warm = _run_child_process(dict(spec, cache_dir=cache_dir, peak=False,
+                                               count_flops=False), env)  # loads from the cache
+            res.update(compile_s_warm_cache=warm["compile_s"],
+                       peak_rss_warm_cache_mb=warm["peak_rss_mb"],
+                       tasks_per_s_warm_cache=warm["tasks_per_s"])
         if args.json:
             print(json.dumps(res), flush=True)
         else:
             c = res["config"]
+            cached = (f"from the compilation cache: load {res['compile_s_warm_cache']:.1f} s, "
+                      f"peak RSS {res['peak_rss_warm_cache_mb']:.0f} MiB, "
+                      if "peak_rss_warm_cache_mb" in res else "")
             print(f"({name}) {c['ways']}-way {c['shots']}-shot {c['query']}q k={c['inner_steps']} "
                   f"T={c['meta_batch']} {'1st' if c['first_order'] else '2nd'} order "
                   f"[{res['conv_impl']}, {res['task_map']}]: "
                   f"{res['tasks_per_s']:.1f} tasks/s, {res['seconds_per_step']:.3f} s/step "
                   f"(min {res['seconds_min']:.3f}), compile {res['compile_s']:.1f} s, "
-                  f"peak RSS {res['peak_rss_mb']:.0f} MiB, "
+                  f"peak RSS {res['peak_rss_mb']:.0f} MiB, {cached}"
                   f"XLA {res['xla_gflop_per_step']:.1f} GFLOP/step = {res['gflops_per_s']:.0f} GFLOP/s, "
                   f"useful {res['useful_gflops_per_s']:.0f} GFLOP/s = "
                   f"{res['pct_of_peak_useful']:.0f}% of {res['matmul_peak_gflops']:.0f} GFLOP/s peak, "

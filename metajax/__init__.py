@@ -13,7 +13,8 @@ from metajax.core import (Adaptation, InnerLoop, Task, TaskBatch, TaskBatchError
                           adapted_task_loss, cross_entropy, evaluate_adaptation, map_over_tasks,
                           masked_mean, meta_batch_loss, mse, task_at, task_loss_and_metrics,
                           validate_task_batch)
-from metajax.training import (TrainState, create_train_state, make_eval_step, make_train_loop,
-                              make_train_step, mean_and_ci95, meta_update)
+from metajax.training import (TrainState, create_train_state, enable_compilation_cache,
+                              make_eval_step, make_train_loop, make_train_step, mean_and_ci95,
+                              meta_update)
 
 __version__ = "0.1.0"

@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The experiment scripts cache compiled steps in ~/.cache by default; tests compile afresh
+# (tests/test_compile_cache.py tests the cache in its own folders).
+os.environ.setdefault("METAJAX_COMPILE_CACHE", "off")
 
 
 def shared_data_root() -> Path:

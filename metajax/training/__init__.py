@@ -7,3 +7,5 @@ from metajax.training.checkpoint import Checkpointer, CheckpointMismatchError, C
 from metajax.training.guards import NonFiniteError, skip_nonfinite, skipped_updates
 from metajax.training.sharding import replicate, shard_tasks, task_mesh
 from metajax.training.metrics_log import MetricsLogger, read_jsonl
+from metajax.training.compile_cache import (configure_compilation_cache, disable_compilation_cache,
+                                            enable_compilation_cache)
