@@ -106,8 +106,9 @@ class OmniglotConfig:
     eval_batch: int = field(50, "tasks per evaluation call")
     eval_every: int = field(250, "iterations between validation points of the learning curve")
     val_tasks: int = field(100, "tasks per validation point")
-    conv_impl: str = field("auto", "convolution implementation: auto, patches or lax",
-                           choices=("auto", "patches", "lax"))
+    conv_impl: str = field("auto", "convolution implementation: auto (fused on CPU, lax on "
+                           "accelerators), fused, patches or lax",
+                           choices=("auto", "fused", "patches", "lax"))
     task_map: str = field("auto", "tasks in a meta-batch: vmap, map, accumulate (map with each "
                           "task's gradient taken inside the loop), a chunk size, or auto "
                           "(accumulate on CPU, vmap on accelerators)")

@@ -10,7 +10,7 @@ from jax import lax
 
 import metajax as mj
 from metajax.models.conv4 import Conv4, init_conv4, with_bn_mode
-from metajax.training.steps import apply_state_updates
+from metajax.core.state_updates import apply_state_updates
 
 
 SIZE, LAYERS = 16, 2  # 16 -> 8 -> 4: small and quick to compile, stride-2 convs as in Omniglot

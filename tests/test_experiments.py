@@ -66,13 +66,20 @@ def test_omniglot_experiment_trains_checkpoints_and_resumes(tmp_path, omniglot_r
     assert on_disk["experiment"] == "omniglot" and (out / "learning_curve.png").exists()
 
 
-def test_omniglot_embedding_learners_baselines_init_from_and_distillation(
+SMALL_RUN = ["--shots", "1", "--query", "2", "--meta-batch", "2", "--eval-tasks", "20",
+             "--eval-batch", "10", "--val-tasks", "10", "--eval-every", "2"]
+
+
+def _lake_data_flags(root, cache_dir) -> list:
+    return ["--data-dir", str(root), "--cache-dir", str(cache_dir), "--split", "lake",
+            "--no-progress", "--no-tensorboard"]
+
+
+def test_omniglot_protonet_init_from_and_distillation(
         tmp_path, omniglot_root, omniglot_full, omniglot_cache_dir):
     omniglot = _load("omniglot")
-    data = ["--data-dir", str(omniglot_root), "--cache-dir", str(omniglot_cache_dir), "--split", "lake",
-            "--no-progress", "--no-tensorboard"]
-    small = ["--shots", "1", "--query", "2", "--meta-batch", "2", "--eval-tasks", "20",
-             "--eval-batch", "10", "--val-tasks", "10", "--eval-every", "2"]
+    data = _lake_data_flags(omniglot_root, omniglot_cache_dir)
+    small = SMALL_RUN
     metrics = omniglot.main(
         ["--algo", "protonet", "--ways", "5", "--train-ways", "10", "--iterations", "2",
          "--checkpoint-every", "2", "--out", str(tmp_path / "proto")] + small + data)
@@ -93,13 +100,6 @@ def test_omniglot_embedding_learners_baselines_init_from_and_distillation(
         omniglot.main(["--algo", "protonet", "--init-from", str(tmp_path / "nowhere"),
                        "--out", str(tmp_path / "y")] + data)
 
-    # Baseline++: classifier over all training classes, a cosine head fitted per test task.
-    plus = omniglot.main(["--algo", "baselinepp", "--ways", "5", "--train-ways", "16",
-                          "--iterations", "2", "--eval-inner-steps", "5", "--inner-lr", "0.1",
-                          "--checkpoint-every", "0", "--out", str(tmp_path / "bpp")] + small + data)
-    assert set(plus["results"]["baselinepp"]["accuracy"]) == {str(s) for s in range(6)}
-    assert plus["results"]["baselinepp"]["test_accuracy"] > 0.2
-
     # Distillation of the ProtoNet into a 16-filter student.
     distill = _load("distill")
     out = distill.main(["--teacher", str(tmp_path / "proto"), "--ways", "5", "--train-ways", "10",
@@ -108,6 +108,19 @@ def test_omniglot_embedding_learners_baselines_init_from_and_distillation(
     assert out["parameters"]["student"] < out["parameters"]["teacher"] / 8
     assert out["results"]["teacher"]["test_accuracy"] == pytest.approx(result["test_accuracy"])
     assert 0.0 < out["results"]["student"]["test_accuracy"] <= 1.0
+
+
+def test_omniglot_baseline_plus_plus_and_distillation_needs_an_embedding_learner(
+        tmp_path, omniglot_root, omniglot_full, omniglot_cache_dir):
+    omniglot, distill = _load("omniglot"), _load("distill")
+    data = _lake_data_flags(omniglot_root, omniglot_cache_dir)
+    small = SMALL_RUN
+    # Baseline++: classifier over all training classes, a cosine head fitted per test task.
+    plus = omniglot.main(["--algo", "baselinepp", "--ways", "5", "--train-ways", "16",
+                          "--iterations", "2", "--eval-inner-steps", "5", "--inner-lr", "0.1",
+                          "--checkpoint-every", "0", "--out", str(tmp_path / "bpp")] + small + data)
+    assert set(plus["results"]["baselinepp"]["accuracy"]) == {str(s) for s in range(6)}
+    assert plus["results"]["baselinepp"]["test_accuracy"] > 0.2
     with pytest.raises(ValueError, match="distillation here takes an embedding learner"):
         distill.main(["--teacher", str(tmp_path / "bpp"), "--out", str(tmp_path / "z")] + data)
 

@@ -22,7 +22,7 @@
   Copy ``i`` averages (momentum ``bn_momentum``, PyTorch's convention) the batch statistics of
   every forward pass that uses copy ``i``: the support set at inner step ``i`` and the query
   set after it, averaged over the meta-batch's tasks. They are state, not weights: the outer
-  step writes them in (``metajax.training.steps.STATE_UPDATES``), they are never adapted and
+  step writes them in (``metajax.core.state_updates.STATE_UPDATES``), they are never adapted and
   get no gradient. Training always normalises with batch statistics, as the paper's code
   does (its ``F.batch_norm`` runs with ``training=True``, so its running statistics never
   change an output). ``eval_bn_mode="running"`` evaluates non-transductively instead: every
@@ -46,9 +46,9 @@ from metajax.algorithms.maml import MAML, resize_per_step_rates
 from metajax.core.inner_loop import adapt, select_step
 from metajax.core.masks import mask_by_path
 from metajax.core.meta_objective import meta_batch_loss
+from metajax.core.state_updates import STATE_UPDATES, leaf_paths
 from metajax.core.task_map import map_over_tasks
 from metajax.core.tasks import Task, TaskBatch, as_tasks
-from metajax.training.steps import STATE_UPDATES, leaf_paths
 
 
 PyTree = Any

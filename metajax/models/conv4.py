@@ -24,7 +24,8 @@ side effect.) A consequence to know: predictions for one example depend on the o
 examples of the same batch, so evaluate on whole query sets, not example by example.
 
 The convolutions go through :func:`metajax.models.layers.conv2d`; ``conv_impl``
-selects ``"lax"`` / ``"patches"`` / ``"auto"`` (patches on CPU, lax on accelerators).
+selects ``"lax"`` / ``"patches"`` / ``"fused"`` / ``"auto"`` (fused on CPU, lax on
+accelerators).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -71,7 +72,8 @@ class Conv4(nn.Module):
         each feature is), or ``"auto"``: ``"flatten"`` with ``max_pool``, else ``"mean"``
         (the two published networks). With ``ways=None``, ``"flatten"`` on the Omniglot
         network gives a 256-d embedding (2x2x64) instead of 64-d, at no extra compute.
-      conv_impl: ``"auto"``, ``"patches"`` or ``"lax"`` (see :mod:`metajax.models.layers`).
+      conv_impl: ``"auto"``, ``"fused"``, ``"patches"`` or ``"lax"`` (see
+        :mod:`metajax.models.layers`).
       bn_eps: batch-norm epsilon (PyTorch's default 1e-5).
       running_stats: also create batch-norm running statistics ``bn{i}_mean`` (zeros) and
         ``bn{i}_var`` (ones) as parameters. They are state, not weights: in ``"batch"``

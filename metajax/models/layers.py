@@ -21,7 +21,13 @@ function:
     matmul (one GEMM per task); with shared weights JAX folds the task axis into
     the rows and it becomes a single large GEMM.
 
-``"auto"`` (the default) picks ``"patches"`` on CPU and ``"lax"`` elsewhere
+``"fused"``
+    ``"patches"`` for :func:`conv2d`; for the conv -> batch norm -> ReLU block
+    (:func:`conv_bn_relu`) one ``jax.custom_vjp`` with a hand-written backward
+    pass (closed-form batch-norm backward, sub-pixel input gradient and col2im for
+    3x3 stride-2 convolutions), itself differentiable for second-order MAML.
+
+``"auto"`` (the default) picks ``"fused"`` on CPU and ``"lax"`` elsewhere
 (:func:`resolve_conv_impl`). The choice is proven by ``benchmarks/conv_paths.py``;
 results agree to float32 rounding whichever is chosen (``tests/test_conv4.py``).
 
@@ -59,7 +65,7 @@ FUSED_OPTIONS = {"phase_dx": True, "materialize": False, "phase_col2im": True}
 def resolve_conv_impl(impl: str = "auto", backend: Optional[str] = None) -> str:
     """The concrete convolution implementation for ``impl`` on ``backend``.
 
-    ``"auto"`` gives ``"patches"`` on CPU and ``"lax"`` on GPU/TPU (or other accelerators).
+    ``"auto"`` gives ``"fused"`` on CPU and ``"lax"`` on GPU/TPU (or other accelerators).
     ``backend`` defaults to ``jax.default_backend()``.
     """
     if impl not in CONV_IMPLS:
@@ -104,7 +110,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None, *,
       bias: optional ``(C_out,)`` bias.
       stride: the same stride on both spatial axes.
       padding: symmetric zero padding on both spatial axes.
-      impl: ``"lax"``, ``"patches"`` or ``"auto"`` (see the module docstring).
+      impl: ``"lax"``, ``"patches"``, ``"fused"`` (here the same as ``"patches"``) or
+        ``"auto"`` (see the module docstring).
 
     Returns:
       ``(N, Ho, Wo, C_out)`` with ``Ho = (H + 2*padding - kh) // stride + 1``.
