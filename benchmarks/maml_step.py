@@ -11,11 +11,14 @@ Inner SGD learning rate 0.4, Adam(1e-3) outer optimizer, random data shaped like
 (``(T, N, 28, 28, 1)``), learn2learn's OmniglotCNN init. One meta-step is one call of the
 jitted ``mj.make_train_step`` (meta-gradient over the batch + Adam update).
 
-Each configuration runs in a fresh subprocess so its peak RSS is its own. Reported per
-configuration: tasks/s, seconds per meta-step (median over ``--steps`` timed steps after
-``--warmup``), compile time (lower + compile), peak RSS (whole process, imports, compile and
-timed steps included; taken before the matmul-peak measurement, whose 4096^2 arrays are not
-part of the workload: ``peak_rss_incl_matmul_peak_mb`` has the figure with them),
+Each configuration runs in a fresh subprocess so its peak RSS is its own, and then once more
+in another one that loads the step from the persistent compilation cache the first wrote, as
+a rerun of a training script does (``compile_s_warm_cache``, ``peak_rss_warm_cache_mb``,
+``tasks_per_s_warm_cache``; ``--no-warm-cache`` skips it). Reported per configuration:
+tasks/s, seconds per meta-step (median over ``--steps`` timed steps after ``--warmup``),
+compile time (lower + compile), peak RSS (whole process, imports, compile and timed steps
+included; taken before the FLOP count and the matmul-peak measurement, which are not part of
+the workload: ``peak_rss_incl_matmul_peak_mb`` has the figure with them),
 XLA cost-analysis FLOPs per step, achieved GFLOP/s (both the XLA count and the useful
 conv/matmul FLOPs that ``../shared/bench`` uses, for a like-for-like ratio) and % of a
 matmul peak measured in the same run (float32 4096^3 ``jnp.matmul``).
