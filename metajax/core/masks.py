@@ -21,7 +21,8 @@ import jax
 PyTree = Any
 
 
-def _key_name(entry) -> str:
+def key_name(entry) -> str:
+    """The name of one pytree key-path entry: a dict key, attribute name or sequence index."""
     for attr in ("key", "name", "idx"):
         if hasattr(entry, attr):
             return str(getattr(entry, attr))
@@ -31,7 +32,7 @@ def _key_name(entry) -> str:
 def mask_by_path(params: PyTree, predicate: Callable[[tuple[str, ...]], bool]) -> PyTree:
     """A mask with ``predicate(path)`` at each leaf; ``path`` is a tuple of key names."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: bool(predicate(tuple(_key_name(p) for p in path))), params)
+        lambda path, _: bool(predicate(tuple(key_name(p) for p in path))), params)
 
 
 def last_module_mask(params: PyTree) -> PyTree:

@@ -22,13 +22,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from metajax.core.masks import key_name
+
 PyTree = Any
 
 STATE_UPDATES = "state_updates"
 
 
 def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return "/".join(key_name(k) for k in path)
 
 
 def leaf_paths(tree: PyTree) -> dict[str, Any]:
