@@ -99,8 +99,13 @@ class IMAML(FineTuneEvaluation):
         flat_phi, unravel = ravel_pytree(phi)
         flat_loss = lambda v: self._support_loss(unravel(v), task)
 
+        support_grad = jax.grad(flat_loss)
+
         def matvec(v):
-            hv = jax.jvp(jax.grad(flat_loss), (flat_phi,), (v,))[1]
+            # Hessian-vector product by reverse over reverse, not jvp of grad: forward mode
+            # cannot differentiate custom-VJP layers such as the fused Conv4 blocks that are
+            # the CPU default (metajax.models.layers), reverse mode differentiates them.
+            hv = jax.grad(lambda p: jnp.vdot(support_grad(p), v))(flat_phi)
             return v + hv / self.lam
 
         rhs = ravel_pytree(q_grad)[0]
