@@ -93,7 +93,7 @@ def parse_task_map(value: str):
     return resolve_task_map(value)
 
 
-def build_step(cfg: dict, conv_impl: str, task_map, remat: bool = False):
+def build_step(cfg: dict, conv_impl: str, task_map, remat="auto"):
     """``(train_step, state)`` for one configuration."""
     import jax
     import optax
@@ -119,6 +119,7 @@ def run_child(spec: dict) -> dict:
     """Benchmarks one configuration in this process and returns the result dict."""
     import jax
     import numpy as np
+    from metajax.core.inner_loop import resolve_remat
     from metajax.models.layers import resolve_conv_impl
     name = spec["config"]
     cfg = CONFIGS[name]
@@ -127,7 +128,7 @@ def run_child(spec: dict) -> dict:
         enable_compilation_cache(spec["cache_dir"], min_compile_time_s=0.0)
     rss_imports = _peak_rss_mb()
     task_map = parse_task_map(spec["task_map"])
-    step, state = build_step(cfg, spec["conv_impl"], task_map, spec.get("remat", False))
+    step, state = build_step(cfg, spec["conv_impl"], task_map, spec.get("remat", "auto"))
     batches = [make_batch(cfg, seed) for seed in range(4)]
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
@@ -150,7 +151,7 @@ def run_child(spec: dict) -> dict:
     elif task_map != "vmap":
         # XLA's cost analysis counts a while-loop body once, so count FLOPs on the vmap
         # lowering of the same step (pre-optimisation HLO; no second compile needed).
-        vstep, vstate = build_step(cfg, spec["conv_impl"], "vmap", spec.get("remat", False))
+        vstep, vstate = build_step(cfg, spec["conv_impl"], "vmap", spec.get("remat", "auto"))
         xla_flops = _flops(vstep.lower(vstate, batches[0]).cost_analysis())
     else:
         xla_flops = _flops(compiled.cost_analysis())
@@ -162,6 +163,8 @@ def run_child(spec: dict) -> dict:
         "config": dict(name=name, **cfg),
         "conv_impl": resolve_conv_impl(spec["conv_impl"]),
         "task_map": task_map,
+        "remat": resolve_remat(spec.get("remat", "auto"), steps=cfg["inner_steps"],
+                               first_order=cfg["first_order"]),
         "tasks_per_s": cfg["meta_batch"] / sec,
         "seconds_per_step": sec,
         "seconds_min": float(np.min(times)),
@@ -205,7 +208,8 @@ def main(argv=None):
     parser.add_argument("--task-map", default="auto",
                         help="vmap, map, accumulate, an int chunk size, or auto (accumulate on CPU, "
                         "vmap elsewhere)")
-    parser.add_argument("--remat", action="store_true", help="jax.checkpoint each inner step")
+    parser.add_argument("--remat", default="auto", choices=["auto", "none", "full", "dots"],
+                        help="what the second-order pass keeps of each inner step (InnerLoop.remat)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0,
@@ -250,7 +254,7 @@ def main(argv=None):
                       if "peak_rss_warm_cache_mb" in res else "")
             print(f"({name}) {c['ways']}-way {c['shots']}-shot {c['query']}q k={c['inner_steps']} "
                   f"T={c['meta_batch']} {'1st' if c['first_order'] else '2nd'} order "
-                  f"[{res['conv_impl']}, {res['task_map']}]: "
+                  f"[{res['conv_impl']}, {res['task_map']}, remat {res['remat']}]: "
                   f"{res['tasks_per_s']:.1f} tasks/s, {res['seconds_per_step']:.3f} s/step "
                   f"(min {res['seconds_min']:.3f}), compile {res['compile_s']:.1f} s, "
                   f"peak RSS {res['peak_rss_mb']:.0f} MiB, {cached}"

@@ -112,7 +112,10 @@ class OmniglotConfig:
     task_map: str = field("auto", "tasks in a meta-batch: vmap, map, accumulate (map with each "
                           "task's gradient taken inside the loop), a chunk size, or auto "
                           "(accumulate on CPU, vmap on accelerators)")
-    remat: bool = field(False, "rematerialise inner steps (flat memory in the number of steps)")
+    remat: str = field("auto", "what second-order MAML keeps of each inner step: none (all "
+                       "intermediates), full (nothing: flat memory in the number of steps), "
+                       "dots (matmul outputs only), auto (dots on CPU for several "
+                       "second-order steps, else none)", choices=("auto", "none", "full", "dots"))
     first_order_steps: int = field(0, "mamlpp: derivative-order annealing, first order for the "
                                    "first N iterations, then second order (same compiled step)")
     msl_anneal_steps: int = field(1000, "mamlpp: iterations over which the multi-step loss "

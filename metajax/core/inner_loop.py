@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,36 @@ from metajax.core.tasks import Task
 PyTree = Any
 ApplyFn = Callable[[PyTree, PyTree], PyTree]
 MetricFns = Mapping[str, Callable[[PyTree, PyTree], jax.Array]]
+REMAT_MODES = ("auto", "none", "full", "dots")
+
+
+def resolve_remat(remat: Union[bool, str], *, steps: int, first_order: bool,
+                  backend: Optional[str] = None) -> str:
+    """The concrete rematerialisation mode (``"none"``, ``"full"`` or ``"dots"``) of an inner loop.
+
+    ``"auto"`` is ``"dots"`` on CPU when the loop is differentiated (second order) through
+    more than one step. Measured with ``benchmarks/maml_step.py`` configurations compiled
+    in one process and timed in interleaved rounds (2 CPU cores): (d) 20-way 5 steps
+    6.26 tasks/s with ``"dots"`` against 5.50 with ``"none"`` (+14%, ``"full"`` 6.18), (c)
+    5-way 5 steps 15.9 against 14.8 (+7%, ``"full"`` 15.0); with one step (a) there is no
+    scan to stack intermediates over and it made no difference, so one-step loops keep
+    ``"none"``. On accelerators it is ``"none"``; ``backend`` defaults to
+    ``jax.default_backend()``.
+
+    Example:
+      >>> resolve_remat("auto", steps=5, first_order=False, backend="cpu")
+      'dots'
+      >>> resolve_remat("auto", steps=1, first_order=False, backend="cpu"), resolve_remat(True, steps=1, first_order=False)
+      ('none', 'full')
+    """
+    if remat is True or remat is False:
+        return "full" if remat else "none"
+    if remat not in REMAT_MODES:
+        raise ValueError(f"remat must be one of {REMAT_MODES} or a bool, got {remat!r}.")
+    if remat != "auto":
+        return remat
+    on_cpu = (backend or jax.default_backend()) == "cpu"
+    return "dots" if on_cpu and steps > 1 and not first_order else "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +80,15 @@ class InnerLoop:
       first_order: stop gradients through the inner gradients (FOMAML).
       rates_per_step: learned rates carry a leading axis of length ``steps`` (one rate
         pytree per step, as in MAML++'s LSLR).
-      remat: rematerialise each inner step (``jax.checkpoint``) so second-order memory
-        does not grow with the number of steps.
+      remat: what the second-order backward pass keeps of each inner step
+        (:func:`resolve_remat`): ``"none"`` (or ``False``) keeps every intermediate;
+        ``"full"`` (or ``True``) keeps nothing and recomputes the step
+        (``jax.checkpoint``), so memory does not grow with the number of steps;
+        ``"dots"`` keeps only the matmul outputs and recomputes the element-wise ops,
+        im2col and batch norm around them (less memory, and faster for several
+        second-order steps on CPU, where writing and re-reading the stacked
+        intermediates costs more than recomputing them); ``"auto"`` (the default) is
+        ``"dots"`` on CPU for second-order loops of more than one step, else ``"none"``.
     """
 
     steps: int = 1
@@ -59,7 +96,7 @@ class InnerLoop:
     optimizer: Optional[optax.GradientTransformation] = None
     first_order: bool = False
     rates_per_step: bool = False
-    remat: bool = False
+    remat: Union[bool, str] = "auto"
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -68,6 +105,9 @@ class InnerLoop:
             raise ValueError(
                 f"InnerLoop.learning_rate must be > 0, got {self.learning_rate!r}; "
                 "use steps=0 for no adaptation.")
+        if self.remat not in REMAT_MODES + (True, False):
+            raise ValueError(f"InnerLoop.remat must be one of {REMAT_MODES} (or a bool: True is "
+                             f"'full', False is 'none'); got {self.remat!r}.")
 
     def with_overrides(self, steps: Optional[int] = None,
                        learning_rate: Optional[float] = None) -> "InnerLoop":
@@ -243,8 +283,11 @@ def adapt(params: PyTree, task: Task, *, apply_fn: ApplyFn, loss_fn: LossFn,
             outputs["query"] = query_eval(carry[0], index)
         return (leaves, opt_state), outputs
 
-    if inner.remat:
+    remat = resolve_remat(inner.remat, steps=inner.steps, first_order=inner.first_order)
+    if remat == "full":
         step = jax.checkpoint(step)
+    elif remat == "dots":
+        step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_saveable)
 
     if inner.steps == 0:
         final = adapted
