@@ -57,9 +57,9 @@ def resolve_remat(remat: Union[bool, str], *, steps: int, first_order: bool,
       >>> resolve_remat("auto", steps=1, first_order=False, backend="cpu"), resolve_remat(True, steps=1, first_order=False)
       ('none', 'full')
     """
-    if remat is True or remat is False:
+    if isinstance(remat, bool):
         return "full" if remat else "none"
-    if remat not in REMAT_MODES:
+    if not isinstance(remat, str) or remat not in REMAT_MODES:
         raise ValueError(f"remat must be one of {REMAT_MODES} or a bool, got {remat!r}.")
     if remat != "auto":
         return remat
@@ -105,7 +105,7 @@ class InnerLoop:
             raise ValueError(
                 f"InnerLoop.learning_rate must be > 0, got {self.learning_rate!r}; "
                 "use steps=0 for no adaptation.")
-        if self.remat not in REMAT_MODES + (True, False):
+        if not (isinstance(self.remat, bool) or self.remat in REMAT_MODES):
             raise ValueError(f"InnerLoop.remat must be one of {REMAT_MODES} (or a bool: True is "
                              f"'full', False is 'none'); got {self.remat!r}.")
 
