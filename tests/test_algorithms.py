@@ -217,6 +217,37 @@ def test_imaml_implicit_gradient_matches_unrolled_on_a_strongly_convex_inner_pro
         assert float(jnp.max(jnp.abs(maml - unrolled))) > 1e-3
 
 
+def test_imaml_differentiates_the_fused_conv_block():
+    """iMAML's Hessian-vector products go through the fused conv -> BN -> ReLU block (a custom
+    VJP, the CPU default, which forward mode cannot differentiate) and equal those of the
+    same block written with plain ops."""
+    from metajax.models.layers import conv_bn_relu
+
+    def model(impl):
+        def apply_fn(p, x):
+            h = conv_bn_relu(x, p["k"], p["b"], p["s"], p["t"], stride=2, padding=1, impl=impl)
+            return jnp.mean(h, axis=(1, 2)) @ p["head"]
+        return apply_fn
+
+    keys = jax.random.split(jax.random.key(13), 6)
+    params = {"k": 0.5 * jax.random.normal(keys[0], (3, 3, 1, 4)), "b": jnp.zeros(4),
+              "s": jnp.ones(4), "t": 0.1 * jax.random.normal(keys[1], (4,)),
+              "head": jax.random.normal(keys[2], (4, 3))}
+    labels = jnp.tile(jnp.arange(3), (2, 2))
+    batch = mj.TaskBatch(jax.random.uniform(keys[3], (2, 6, 6, 6, 1)), labels,
+                         jax.random.uniform(keys[4], (2, 6, 6, 6, 1)), labels)
+
+    def implicit_grad(impl):
+        imaml = mj.IMAML(model(impl), mj.cross_entropy, inner=mj.InnerLoop(2, 0.1), lam=1.0,
+                         cg_steps=3)
+        return jax.jit(jax.grad(lambda p: imaml.meta_loss(p, batch)[0]))({"model": params})
+
+    fused, plain = implicit_grad("fused"), implicit_grad("patches")
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(plain)) > 1e-3
+    chex.assert_trees_all_close(fused, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # ~1.5 min on 2 cores (three Conv4 compiles); the custom-VJP test above is fast
 def test_imaml_runs_on_the_fused_cpu_conv4_and_matches_lax_conv():
     """iMAML's Hessian-vector products differentiate the fused Conv4 blocks (custom VJPs, the
     CPU default, which forward mode cannot), and give the lax.conv network's implicit gradient."""

@@ -151,9 +151,24 @@ def test_fast_path_meta_gradient_matches_lax_vmap():
     assert _max_diff(fo, ref) > 1e-2 * scale
 
 
+def test_resolve_remat_and_bad_values():
+    assert mj.core.resolve_remat(True, steps=2, first_order=False) == "full"
+    assert mj.core.resolve_remat(False, steps=2, first_order=False) == "none"
+    assert mj.core.resolve_remat("auto", steps=2, first_order=False, backend="cpu") == "dots"
+    assert mj.core.resolve_remat("auto", steps=1, first_order=False, backend="cpu") == "none"
+    assert mj.core.resolve_remat("auto", steps=2, first_order=False, backend="gpu") == "none"
+    assert mj.core.resolve_remat("auto", steps=2, first_order=True, backend="cpu") == "none"
+    with pytest.raises(ValueError, match="remat must be one of"):
+        mj.InnerLoop(2, 0.4, remat="dot")
+    with pytest.raises(ValueError, match="remat must be one of"):
+        mj.InnerLoop(2, 0.4, remat=1)
+
+
+@pytest.mark.slow  # ~1 min on 2 cores; the float64 finite-difference test below runs "auto",
+# i.e. "dots", on the same fused network in the default suite
 def test_remat_modes_give_the_same_meta_gradient():
     """Keeping only the matmul outputs ("dots") recomputes, never changes, the fused Conv4
-    meta-gradient; "auto" is "dots" on CPU for several second-order steps."""
+    meta-gradient ("full" is checked on an MLP in test_core)."""
     apply_fn, params = init_conv4(Conv4(ways=3, hidden=4), jax.random.key(6), (10, 10, 1))
     batch = _batch(jax.random.key(7), tasks=2, ways=3, shots=1, query=2, size=10)
 
@@ -163,15 +178,7 @@ def test_remat_modes_give_the_same_meta_gradient():
         return jax.jit(jax.grad(lambda p: maml.meta_loss(p, batch)[0]))(maml.init(params))
 
     ref = meta_grad("none")
-    # "full" is covered on an MLP in test_core; the float64 finite-difference test below
-    # runs "auto", i.e. "dots".
     assert _max_diff(meta_grad("dots"), ref) <= 1e-5 * _max_abs(ref)
-    assert mj.core.resolve_remat(True, steps=2, first_order=False) == "full"
-    assert mj.core.resolve_remat("auto", steps=2, first_order=False, backend="cpu") == "dots"
-    assert mj.core.resolve_remat("auto", steps=2, first_order=False, backend="gpu") == "none"
-    assert mj.core.resolve_remat("auto", steps=2, first_order=True, backend="cpu") == "none"
-    with pytest.raises(ValueError, match="remat must be one of"):
-        mj.InnerLoop(2, 0.4, remat="dot")
 
 
 @pytest.mark.slow  # ~1 min on 2 cores; the Omniglot Conv4 test covers the same conv paths
