@@ -247,7 +247,7 @@ def test_imaml_differentiates_the_fused_conv_block():
     chex.assert_trees_all_close(fused, plain, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow  # ~1.5 min on 2 cores (three Conv4 compiles); the custom-VJP test above is fast
+@pytest.mark.slow  # ~1.5 min on 2 cores (two Conv4 compiles); the fused-block test above is fast
 def test_imaml_runs_on_the_fused_cpu_conv4_and_matches_lax_conv():
     """iMAML's Hessian-vector products differentiate the fused Conv4 blocks (custom VJPs, the
     CPU default, which forward mode cannot), and give the lax.conv network's implicit gradient."""
