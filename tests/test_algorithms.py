@@ -218,9 +218,8 @@ def test_imaml_implicit_gradient_matches_unrolled_on_a_strongly_convex_inner_pro
 
 
 def test_imaml_differentiates_the_fused_conv_block():
-    """iMAML's Hessian-vector products go through the fused conv -> BN -> ReLU block (a custom
-    VJP, the CPU default, which forward mode cannot differentiate) and equal those of the
-    same block written with plain ops."""
+    """iMAML through the fused conv -> BN -> ReLU block (a custom VJP, the CPU default) gives
+    the implicit gradient of the same block written with plain ops."""
     from metajax.models.layers import conv_bn_relu
 
     def model(impl):
@@ -249,8 +248,8 @@ def test_imaml_differentiates_the_fused_conv_block():
 
 @pytest.mark.slow  # ~1.5 min on 2 cores (two Conv4 compiles); the fused-block test above is fast
 def test_imaml_runs_on_the_fused_cpu_conv4_and_matches_lax_conv():
-    """iMAML's Hessian-vector products differentiate the fused Conv4 blocks (custom VJPs, the
-    CPU default, which forward mode cannot), and give the lax.conv network's implicit gradient."""
+    """iMAML on the fused Conv4 (custom VJPs, the CPU default) gives the lax.conv network's
+    implicit gradient."""
     from metajax.models.conv4 import Conv4, init_conv4, with_conv_impl
     apply_fn, params = init_conv4(Conv4(ways=3, hidden=4, conv_impl="fused"), jax.random.key(11),
                                   (10, 10, 1))

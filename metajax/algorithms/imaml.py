@@ -102,9 +102,9 @@ class IMAML(FineTuneEvaluation):
         support_grad = jax.grad(flat_loss)
 
         def matvec(v):
-            # Hessian-vector product by reverse over reverse, not jvp of grad: forward mode
-            # cannot differentiate custom-VJP layers such as the fused Conv4 blocks that are
-            # the CPU default (metajax.models.layers), reverse mode differentiates them.
+            # Hessian-vector product by reverse over reverse, which needs only VJPs: jvp of
+            # grad stopped with "can't apply forward-mode autodiff (jvp) to a custom_vjp
+            # function" inside cg on the full fused CPU Conv4 (benchmarks/memory.py).
             hv = jax.grad(lambda p: jnp.vdot(support_grad(p), v))(flat_phi)
             return v + hv / self.lam
 

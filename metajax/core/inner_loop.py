@@ -38,6 +38,12 @@ MetricFns = Mapping[str, Callable[[PyTree, PyTree], jax.Array]]
 REMAT_MODES = ("auto", "none", "full", "dots")
 
 
+def _check_remat(remat) -> None:
+    if not (isinstance(remat, bool) or (isinstance(remat, str) and remat in REMAT_MODES)):
+        raise ValueError(f"remat must be one of {REMAT_MODES} (or a bool: True is 'full', "
+                         f"False is 'none'); got {remat!r}.")
+
+
 def resolve_remat(remat: Union[bool, str], *, steps: int, first_order: bool,
                   backend: Optional[str] = None) -> str:
     """The concrete rematerialisation mode (``"none"``, ``"full"`` or ``"dots"``) of an inner loop.
@@ -57,10 +63,9 @@ def resolve_remat(remat: Union[bool, str], *, steps: int, first_order: bool,
       >>> resolve_remat("auto", steps=1, first_order=False, backend="cpu"), resolve_remat(True, steps=1, first_order=False)
       ('none', 'full')
     """
+    _check_remat(remat)
     if isinstance(remat, bool):
         return "full" if remat else "none"
-    if not isinstance(remat, str) or remat not in REMAT_MODES:
-        raise ValueError(f"remat must be one of {REMAT_MODES} or a bool, got {remat!r}.")
     if remat != "auto":
         return remat
     on_cpu = (backend or jax.default_backend()) == "cpu"
@@ -105,9 +110,7 @@ class InnerLoop:
             raise ValueError(
                 f"InnerLoop.learning_rate must be > 0, got {self.learning_rate!r}; "
                 "use steps=0 for no adaptation.")
-        if not (isinstance(self.remat, bool) or self.remat in REMAT_MODES):
-            raise ValueError(f"InnerLoop.remat must be one of {REMAT_MODES} (or a bool: True is "
-                             f"'full', False is 'none'); got {self.remat!r}.")
+        _check_remat(self.remat)
 
     def with_overrides(self, steps: Optional[int] = None,
                        learning_rate: Optional[float] = None) -> "InnerLoop":
