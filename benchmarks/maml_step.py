@@ -48,8 +48,11 @@ CONFIGS = {
     "d": dict(ways=20, shots=1, query=5, inner_steps=5, meta_batch=16, first_order=False),
 }
 # Useful (conv + matmul) FLOPs per meta-step, counted by ../shared/bench with torch's
-# FlopCounterMode on the per-task autograd path; the same count for every framework.
-USEFUL_GFLOP = {"a": 45.7, "b": 40.2, "c": 77.7, "d": 41.2}
+# FlopCounterMode on the per-task autograd path; the same count for every framework. (d) is
+# not in ../shared/bench/README.md's table (its 41.2 GFLOP row is 20-way with 1 inner step):
+# `torch_maml_bench.py --variant loop --ways 20 --query 5 --inner-steps 5 --meta-batch 16
+# --flops` counted 105.1 GFLOP (2026-12-01), as the analytic count predicts.
+USEFUL_GFLOP = {"a": 45.7, "b": 40.2, "c": 77.7, "d": 105.1}
 INNER_LR = 0.4
 
 
