@@ -8,7 +8,8 @@ meaningful. Each variant is ``conv_impl:task_map``:
              patches  im2col (strided slices + concat) + matmul (autodiff derivatives)
              fused    patches forward + hand-written conv/batch-norm/ReLU backward (custom_vjp)
   task_map   vmap | map | accumulate | <int chunk size>
-  options    optional third field for fused: +materialize / -phase_dx / -phase_col2im
+  options    optional third field for fused: +materialize / -phase_dx / -phase_col2im /
+             -native_patches
              (layers.FUSED_OPTIONS)
 
 Usage:

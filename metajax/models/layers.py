@@ -25,7 +25,9 @@ function:
     ``"patches"`` for :func:`conv2d`; for the conv -> batch norm -> ReLU block
     (:func:`conv_bn_relu`) one ``jax.custom_vjp`` with a hand-written backward
     pass (closed-form batch-norm backward, sub-pixel input gradient and col2im for
-    3x3 stride-2 convolutions), itself differentiable for second-order MAML.
+    3x3 stride-2 convolutions), itself differentiable for second-order MAML. Its
+    im2col and col2im run as C++ custom calls (:mod:`metajax.models.native_patches`)
+    where a C++ compiler is available, else as XLA slices.
 
 ``"auto"`` (the default) picks ``"fused"`` on CPU and ``"lax"`` elsewhere
 (:func:`resolve_conv_impl`). The choice is proven by ``benchmarks/conv_paths.py``;
@@ -52,6 +54,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from metajax.models import native_patches
+
 CONV_IMPLS = ("lax", "patches", "fused", "auto")
 # Trace-time switches of the fused path, kept so benchmarks/conv_paths.py can re-measure the
 # alternatives: "phase_dx" (sub-pixel input gradient for 3x3/2 convs, else dz @ W^T + col2im)
@@ -59,7 +63,10 @@ CONV_IMPLS = ("lax", "patches", "fused", "auto")
 # activation once instead of re-fusing batch norm + ReLU into every im2col slice).
 # "phase_col2im": the transpose of im2col (what second-order MAML differentiates the fused
 # backward into) as four sub-pixel phases for 3x3/2 convs instead of nine full-size pads.
-FUSED_OPTIONS = {"phase_dx": True, "materialize": False, "phase_col2im": True}
+# "native_patches": im2col, col2im and the phase input gradient's shifted copies as the C++
+# custom calls of native_patches.py where they build (CPU, float32/64); else XLA slices.
+FUSED_OPTIONS = {"phase_dx": True, "materialize": False, "phase_col2im": True,
+                 "native_patches": True}
 
 
 def resolve_conv_impl(impl: str = "auto", backend: Optional[str] = None) -> str:
@@ -210,8 +217,17 @@ _patches_3x3_stride2.defvjp(lambda x: (extract_patches(x, 3, 3, 2, 1), x.shape),
                             lambda x_shape, dpatches: (_col2im_3x3_stride2(dpatches, x_shape),))
 
 
+def _native_patches_on(x) -> bool:
+    """Whether the fused block's im2col and col2im run as native custom calls for ``x``."""
+    return (FUSED_OPTIONS["native_patches"] and x.dtype in native_patches.DTYPES
+            and jax.default_backend() == "cpu" and native_patches.available())
+
+
 def _fused_patches(x, kh, kw, stride, padding):
-    """im2col for the fused block: 3x3/2/pad-1 patches get the sub-pixel transpose."""
+    """im2col for the fused block: the native kernel where available; else XLA slices, and
+    3x3/2/pad-1 patches get the sub-pixel transpose."""
+    if _native_patches_on(x):
+        return native_patches.im2col(x, kh, kw, stride, padding)
     if (kh, kw, stride, padding) == (3, 3, 2, 1) and FUSED_OPTIONS["phase_col2im"]:
         return _patches_3x3_stride2(x)
     return extract_patches(x, kh, kw, stride, padding)
@@ -238,9 +254,12 @@ def _conv_input_grad(dz, kernel, x_shape, stride, padding):
     n, h, w, _ = x_shape
     if (kh, kw, stride, padding) == (3, 3, 2, 1) and FUSED_OPTIONS["phase_dx"]:
         ho, wo = dz.shape[1], dz.shape[2]
-        dzp = jnp.pad(dz, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        shifted = jnp.concatenate(
-            [dzp[:, :ho, :wo], dzp[:, :ho, 1:], dzp[:, 1:, :wo], dzp[:, 1:, 1:]], axis=-1)
+        if _native_patches_on(dz):  # the same four shifts: a 2x2 window, padded after
+            shifted = native_patches.im2col(dz, 2, 2, stride=1, padding=0, out_hw=(ho, wo))
+        else:
+            dzp = jnp.pad(dz, ((0, 0), (0, 1), (0, 1), (0, 0)))
+            shifted = jnp.concatenate(
+                [dzp[:, :ho, :wo], dzp[:, :ho, 1:], dzp[:, 1:, :wo], dzp[:, 1:, 1:]], axis=-1)
         kt = jnp.swapaxes(kernel, 2, 3)  # (3, 3, C_out, C_in)
         zero = jnp.zeros_like(kt[0, 0])
         # rows: dz[p,q], dz[p,q+1], dz[p+1,q], dz[p+1,q+1]; cols: phases (0,0),(0,1),(1,0),(1,1)
@@ -252,6 +271,8 @@ def _conv_input_grad(dz, kernel, x_shape, stride, padding):
         phases = _matmul_rows(shifted, wmat).reshape(n, ho, wo, 2, 2, cin)
         return _pixel_shuffle(phases, h, w)
     dpatches = _matmul_rows(dz, kernel.reshape(kh * kw * cin, cout).T)
+    if _native_patches_on(dpatches):
+        return native_patches.col2im(dpatches, x_shape[1:], kh, kw, stride, padding)
     _, vjp = jax.vjp(lambda x: extract_patches(x, kh, kw, stride, padding),
                      jnp.zeros(x_shape, dz.dtype))
     return vjp(dpatches)[0]

@@ -1,0 +1,239 @@
+"""Native im2col / col2im kernels for the fused CPU convolution (XLA FFI custom calls).
+
+Why: XLA:CPU builds an im2col (``kh * kw`` strided slices and a concatenate) as one buffer
+per slice plus a copy into the concatenated result, and runs several thousand such small
+ops per MAML meta-step. ``native_patches.cc`` writes the whole patch matrix in one pass
+(and its transpose, col2im, in one pass), split over XLA's intra-op thread pool. On the
+Omniglot Conv4 (``benchmarks/conv_paths.py``, ``benchmarks/maml_step.py``) this made the
+second-order meta-step 5-8% faster, its compile about 40% shorter and the compiling
+process's peak RSS 150-190 MiB smaller, since the step's HLO shrinks by a quarter.
+
+The C++ source ships with the package and is compiled on first use with the system C++
+compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against the XLA FFI headers of the
+installed jaxlib, into ``$METAJAX_NATIVE_CACHE`` (default ``~/.cache/metajax/native``),
+keyed by a hash of the source, the jaxlib version and the compiler, and written atomically
+(concurrent processes are safe). Nothing is downloaded. Without a compiler, or with
+``METAJAX_NATIVE_PATCHES=0``, :func:`status` says why and the fused convolution keeps its
+pure-XLA im2col (same results: im2col is an exact copy, col2im differs only in summation
+order). The kernels take float32 and float64.
+
+Both functions are linear and each is the other's transpose, so they are differentiable to
+any order (second-order MAML differentiates the fused block's backward pass, which holds
+both). ``vmap`` folds the mapped axis into the image axis.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from metajax.models import native_patches
+  >>> x = jnp.arange(2 * 5 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 5, 3)
+  >>> if native_patches.available():  # a C++ compiler was found
+  ...     p = native_patches.im2col(x, 3, 3, stride=2, padding=1)
+  ...     assert p.shape == (2, 3, 3, 27)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("native_patches.cc")
+_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-w")
+_KERNELS = {("im2col", "float32"): "MetajaxIm2colF32", ("im2col", "float64"): "MetajaxIm2colF64",
+            ("col2im", "float32"): "MetajaxCol2imF32", ("col2im", "float64"): "MetajaxCol2imF64"}
+DTYPES = (jnp.float32, jnp.float64)
+
+
+class NativePatchesWarning(UserWarning):
+    """The native kernels could not be built; the XLA fallback is used (the message says why)."""
+
+
+class NativeBuildError(RuntimeError):
+    """The native kernels could not be compiled or loaded (the message says why and the fix)."""
+
+
+def find_compiler() -> Optional[str]:
+    """``$CXX`` if set, else the first of ``c++``, ``g++``, ``clang++`` on ``PATH``."""
+    if os.environ.get("CXX"):
+        return os.environ["CXX"]
+    for name in ("c++", "g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def cache_dir() -> Path:
+    """Where built libraries go: ``$METAJAX_NATIVE_CACHE`` or ``~/.cache/metajax/native``."""
+    root = os.environ.get("METAJAX_NATIVE_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "metajax" / "native"
+
+
+def build_library(compiler: Optional[str] = None, directory: Optional[Path] = None) -> Path:
+    """Compiles ``native_patches.cc`` (if not already built) and returns the library path.
+
+    Raises:
+      NativeBuildError: no compiler, a failed compile (with the compiler's message), or an
+        unwritable cache directory.
+    """
+    compiler = compiler or find_compiler()
+    if not compiler:
+        raise NativeBuildError("no C++ compiler found: set CXX to a C++17 compiler (or install "
+                               "g++ / clang++), or METAJAX_NATIVE_PATCHES=0 to skip the native "
+                               "kernels")
+    include = jax.ffi.include_dir()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), compiler.encode(),
+                                     " ".join(_FLAGS).encode()])).hexdigest()[:16]
+    directory = Path(directory) if directory else cache_dir()
+    target = directory / f"native_patches-{key}.so"
+    if target.exists():
+        return target
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".native_patches-", suffix=".so", dir=directory)
+        os.close(fd)
+    except OSError as err:
+        raise NativeBuildError(f"cannot write the native-kernel cache {directory} ({err}): set "
+                               f"METAJAX_NATIVE_CACHE to a writable folder") from err
+    try:
+        cmd = [compiler, *_FLAGS, f"-I{include}", str(SOURCE), "-o", tmp]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise NativeBuildError(f"running the C++ compiler {compiler!r} failed ({err}): set CXX "
+                                   f"to a working C++17 compiler") from err
+        if proc.returncode != 0:
+            raise NativeBuildError(f"compiling {SOURCE.name} with {compiler!r} failed (exit "
+                                   f"{proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: a concurrent build of the same key is harmless
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def status() -> tuple[bool, str]:
+    """``(available, reason)``: builds, loads and registers the kernels once per process."""
+    if os.environ.get("METAJAX_NATIVE_PATCHES", "1").lower() in ("0", "false", "no", "off"):
+        return False, "disabled by METAJAX_NATIVE_PATCHES"
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build_library()))
+        for (_, dtype), symbol in _KERNELS.items():
+            jax.ffi.register_ffi_target(_target(symbol), jax.ffi.pycapsule(getattr(library, symbol)),
+                                        platform="cpu")
+    except (NativeBuildError, OSError, AttributeError) as err:
+        warnings.warn(f"metajax: the native im2col kernels are unavailable, so the fused CPU "
+                      f"convolution uses XLA slices (slower, same results): {err}",
+                      NativePatchesWarning, stacklevel=2)
+        return False, str(err)
+    return True, "built and registered"
+
+
+def available() -> bool:
+    """Whether the native kernels are usable in this process (see :func:`status`)."""
+    return status()[0]
+
+
+def _target(symbol: str) -> str:
+    return f"metajax_{symbol}"
+
+
+def _check(x: jax.Array, what: str) -> None:
+    if x.ndim < 3:
+        raise ValueError(f"{what}: expected (..., H, W, C) arrays, got shape {x.shape}.")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"{what}: the native kernels take float32 or float64, got {x.dtype}; "
+                         f"cast first or use layers.extract_patches.")
+    if not available():
+        raise NativeBuildError(f"{what}: the native kernels are not available: {status()[1]}")
+
+
+def _attrs(spec):
+    kh, kw, stride, padding = spec[:4]
+    return dict(kh=np.int64(kh), kw=np.int64(kw), stride=np.int64(stride), pad=np.int64(padding))
+
+
+# spec = (kh, kw, stride, padding, (H, W, C), (Ho, Wo)): everything static about one im2col.
+def _im2col_call(x, spec):
+    kh, kw, _, _, (_, _, c), out_hw = spec
+    out = jax.ShapeDtypeStruct(x.shape[:-3] + tuple(out_hw) + (kh * kw * c,), x.dtype)
+    symbol = _KERNELS[("im2col", jnp.dtype(x.dtype).name)]
+    return jax.ffi.ffi_call(_target(symbol), out, vmap_method="broadcast_all")(x, **_attrs(spec))
+
+
+def _col2im_call(patches, spec):
+    out = jax.ShapeDtypeStruct(patches.shape[:-3] + tuple(spec[4]), patches.dtype)
+    symbol = _KERNELS[("col2im", jnp.dtype(patches.dtype).name)]
+    return jax.ffi.ffi_call(_target(symbol), out, vmap_method="broadcast_all")(
+        patches, **_attrs(spec))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _im2col(x, spec):
+    return _im2col_call(x, spec)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _col2im(patches, spec):
+    return _col2im_call(patches, spec)
+
+
+# Each is the other's transpose (both linear), so any order of derivative is again one of them.
+# The forward rules call the custom_vjp functions themselves, not the raw FFI call: an outer
+# derivative (second-order MAML) then differentiates them through these rules again.
+_im2col.defvjp(lambda x, spec: (_im2col(x, spec), None),
+               lambda spec, _, dpatches: (_col2im(dpatches, spec),))
+_col2im.defvjp(lambda p, spec: (_col2im(p, spec), None),
+               lambda spec, _, dimage: (_im2col(dimage, spec),))
+
+
+def im2col(x: jax.Array, kh: int, kw: int, stride: int = 1, padding: int = 0,
+           out_hw: Optional[tuple[int, int]] = None) -> jax.Array:
+    """``(..., H, W, C) -> (..., Ho, Wo, kh*kw*C)``, the same as ``layers.extract_patches``.
+
+    ``padding`` is the zero padding before the first row and column; ``out_hw`` (default:
+    symmetric padding, ``Ho = (H + 2*padding - kh) // stride + 1``) sets the output size and
+    so the padding after the last row and column.
+    """
+    _check(x, "im2col")
+    h, w, c = x.shape[-3:]
+    if out_hw is None:
+        out_hw = ((h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1)
+    _check_window(kh, kw, stride, padding, out_hw, "im2col")
+    return _im2col(x, (kh, kw, stride, padding, (h, w, c), tuple(out_hw)))
+
+
+def col2im(patches: jax.Array, image_hwc: tuple[int, int, int], kh: int, kw: int,
+           stride: int = 1, padding: int = 0) -> jax.Array:
+    """The transpose of :func:`im2col` for images of shape ``(..., *image_hwc)``: each patch
+    entry is added to the pixel it was read from."""
+    _check(patches, "col2im")
+    image_hwc = tuple(int(d) for d in image_hwc)
+    if len(image_hwc) != 3 or patches.shape[-1] != kh * kw * image_hwc[-1]:
+        raise ValueError(f"col2im: patches with {patches.shape[-1]} features do not fit "
+                         f"image_hwc={image_hwc} and a {kh}x{kw} window (need kh*kw*C).")
+    out_hw = tuple(patches.shape[-3:-1])
+    _check_window(kh, kw, stride, padding, out_hw, "col2im")
+    return _col2im(patches, (kh, kw, stride, padding, image_hwc, out_hw))
+
+
+def _check_window(kh, kw, stride, padding, out_hw, what):
+    if min(kh, kw, stride) < 1 or padding < 0 or min(out_hw) < 1:
+        raise ValueError(f"{what}: need kh, kw, stride >= 1, padding >= 0 and a non-empty "
+                         f"output; got kh={kh}, kw={kw}, stride={stride}, padding={padding}, "
+                         f"output {out_hw}.")

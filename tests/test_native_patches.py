@@ -1,0 +1,145 @@
+"""The native (C++ XLA FFI) im2col / col2im kernels against the pure-XLA reference."""
+
+import os
+import stat
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metajax.models import layers, native_patches
+from metajax.models.layers import extract_patches
+
+needs_native = pytest.mark.skipif(not native_patches.available(),
+                                  reason=f"native kernels: {native_patches.status()[1]}")
+
+GEOMETRIES = [((2, 7, 9, 3), (3, 3, 2, 1)),   # odd sizes, Conv4's stride-2 block
+              ((3, 28, 28, 1), (3, 3, 2, 1)),  # Omniglot's first layer
+              ((2, 6, 5, 4), (3, 3, 1, 1)),    # mini-ImageNet / ResNet-12 3x3 stride 1
+              ((1, 8, 8, 2), (2, 2, 2, 0))]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("shape,geometry", GEOMETRIES)
+def test_im2col_and_col2im_equal_the_xla_reference(shape, geometry, dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        x = jax.random.normal(jax.random.key(0), shape, dtype)
+        patches = jax.jit(lambda x: native_patches.im2col(x, *geometry))(x)
+        reference = extract_patches(x, *geometry)
+        assert patches.dtype == dtype
+        np.testing.assert_array_equal(patches, reference)  # a copy: bit-identical
+
+        cotangent = jax.random.normal(jax.random.key(1), reference.shape, dtype)
+        _, vjp = jax.vjp(lambda x: extract_patches(x, *geometry), x)
+        image = jax.jit(lambda c: native_patches.col2im(c, shape[1:], *geometry))(cotangent)
+        np.testing.assert_allclose(image, vjp(cotangent)[0], rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+def test_padding_after_comes_from_the_output_size_and_vmap_folds_into_images():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+    # The phase input gradient's four shifts [x, x>>col, x>>row, x>>both], zero past the end.
+    shifted = native_patches.im2col(x, 2, 2, stride=1, padding=0, out_hw=(5, 6))
+    xp = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    expected = jnp.concatenate([xp[:, :5, :6], xp[:, :5, 1:], xp[:, 1:, :6], xp[:, 1:, 1:]], -1)
+    np.testing.assert_array_equal(shifted, expected)
+
+    batched = jnp.stack([x, -2.0 * x])
+    mapped = jax.vmap(lambda x: native_patches.im2col(x, 3, 3, 2, 1))(batched)
+    np.testing.assert_array_equal(mapped[1], -2.0 * extract_patches(x, 3, 3, 2, 1))
+
+
+@needs_native
+@pytest.mark.parametrize("geometry", [(3, 3, 2, 1), (3, 3, 1, 1)])
+def test_second_and_third_order_derivatives_match_xla(geometry):
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3), jnp.float64)
+        weights = jax.random.normal(jax.random.key(1), extract_patches(x, *geometry).shape,
+                                    jnp.float64)
+
+        def second_order(patch_fn):
+            inner = lambda x: jnp.sum(jnp.sin(patch_fn(x)) * weights)
+            return jax.grad(lambda x: jnp.sum(jax.grad(inner)(x) ** 2))(x)
+
+        np.testing.assert_allclose(
+            jax.jit(lambda x: second_order(lambda y: native_patches.im2col(y, *geometry)))(x),
+            second_order(lambda y: extract_patches(y, *geometry)), rtol=1e-10, atol=1e-10)
+
+        _, vjp = jax.vjp(lambda x: extract_patches(x, *geometry), x)
+        col2im_native = lambda p: native_patches.col2im(p, x.shape[1:], *geometry)
+        third = lambda fn: jax.grad(lambda p: jnp.sum(jax.grad(
+            lambda q: jnp.sum(jnp.cos(fn(q))))(p) ** 2))(weights)
+        np.testing.assert_allclose(third(col2im_native), third(lambda p: vjp(p)[0]),
+                                   rtol=1e-10, atol=1e-10)
+
+
+@needs_native
+def test_fused_block_meta_gradient_is_the_same_with_and_without_native_kernels():
+    """Second-order MAML through two fused blocks: native kernels on vs the XLA slices."""
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(0), 6)
+        params = {"k1": 0.3 * jax.random.normal(keys[0], (3, 3, 1, 8), jnp.float64),
+                  "k2": 0.2 * jax.random.normal(keys[1], (3, 3, 8, 8), jnp.float64),
+                  "s": jnp.ones(8, jnp.float64), "t": jnp.zeros(8, jnp.float64)}
+        support = jax.random.normal(keys[2], (4, 9, 9, 1), jnp.float64)
+        query = jax.random.normal(keys[3], (6, 9, 9, 1), jnp.float64)
+
+        def features(p, x):
+            zero = jnp.zeros(8, jnp.float64)
+            h = layers.conv_bn_relu(x, p["k1"], zero, p["s"], p["t"], stride=2, padding=1,
+                                    impl="fused")
+            h = layers.conv_bn_relu(h, p["k2"], zero, p["s"], p["t"], stride=2, padding=1,
+                                    impl="fused")
+            return jnp.mean(h ** 2)
+
+        def meta_loss(p):
+            adapted = jax.tree.map(lambda w, g: w - 0.1 * g, p, jax.grad(features)(p, support))
+            return features(adapted, query)
+
+        with_native = jax.jit(jax.grad(meta_loss))(params)
+        layers.FUSED_OPTIONS["native_patches"] = False
+        try:
+            without = jax.jit(jax.grad(meta_loss))(params)
+        finally:
+            layers.FUSED_OPTIONS["native_patches"] = True
+        for name in params:
+            np.testing.assert_allclose(with_native[name], without[name], rtol=1e-9, atol=1e-12)
+
+
+@needs_native
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match=r"\(\.\.\., H, W, C\)"):
+        native_patches.im2col(jnp.ones((3, 3)), 3, 3)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        native_patches.im2col(jnp.ones((1, 3, 3, 2), jnp.int32), 3, 3)
+    with pytest.raises(ValueError, match="kh\\*kw\\*C"):
+        native_patches.col2im(jnp.ones((1, 2, 2, 10)), (4, 4, 2), 3, 3, 2, 1)
+    with pytest.raises(ValueError, match="non-empty output"):
+        native_patches.im2col(jnp.ones((1, 2, 2, 1)), 5, 5)
+
+
+def test_build_errors_say_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(native_patches.shutil, "which", lambda name: None)
+    with pytest.raises(native_patches.NativeBuildError, match="set CXX"):
+        native_patches.build_library(directory=tmp_path)
+
+    broken = tmp_path / "broken-cxx"
+    broken.write_text("#!/bin/sh\necho 'fatal: this compiler is broken' >&2\nexit 3\n")
+    broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+    with pytest.raises(native_patches.NativeBuildError, match="(?s)exit 3.*this compiler is broken"
+                       ) as err:
+        native_patches.build_library(compiler=str(broken), directory=tmp_path / "cache")
+    assert "native_patches.cc" in str(err.value)
+    assert not any((tmp_path / "cache").glob("*.so"))  # no half-written library left behind
+    assert not any(p.name.startswith(".native_patches-") for p in (tmp_path / "cache").iterdir())
+
+
+@needs_native
+def test_library_is_cached_by_content(tmp_path):
+    first = native_patches.build_library(directory=tmp_path)
+    mtime = os.stat(first).st_mtime_ns
+    assert native_patches.build_library(directory=tmp_path) == first  # no rebuild
+    assert os.stat(first).st_mtime_ns == mtime
