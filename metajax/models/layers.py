@@ -58,14 +58,15 @@ from metajax.models import native_patches
 
 CONV_IMPLS = ("lax", "patches", "fused", "auto")
 # Trace-time switches of the fused path, kept so benchmarks/conv_paths.py can re-measure the
-# alternatives: "phase_dx" (sub-pixel input gradient for 3x3/2 convs, else dz @ W^T + col2im)
+# alternatives: "phase_dx" (sub-pixel input gradient for 3x3/2 convs, else dz @ W^T + col2im;
+# "auto": only without the native kernels, whose one-pass col2im makes dz @ W^T faster)
 # and "materialize" (an optimization barrier on each block's output, so XLA writes the
 # activation once instead of re-fusing batch norm + ReLU into every im2col slice).
 # "phase_col2im": the transpose of im2col (what second-order MAML differentiates the fused
 # backward into) as four sub-pixel phases for 3x3/2 convs instead of nine full-size pads.
 # "native_patches": im2col, col2im and the phase input gradient's shifted copies as the C++
 # custom calls of native_patches.py where they build (CPU, float32/64); else XLA slices.
-FUSED_OPTIONS = {"phase_dx": True, "materialize": False, "phase_col2im": True,
+FUSED_OPTIONS = {"phase_dx": "auto", "materialize": False, "phase_col2im": True,
                  "native_patches": True}
 
 
@@ -242,17 +243,22 @@ def _patch_matmul(x, kernel, stride, padding):
 def _conv_input_grad(dz, kernel, x_shape, stride, padding):
     """Cotangent of the conv input (the transposed convolution of ``dz`` with ``kernel``).
 
-    For 3x3 stride-2 pad-1 convolutions (the Omniglot Conv4) it uses the sub-pixel
-    decomposition: each of the four (row, column) parity phases of the input gradient is
-    a sum over at most four shifted copies of ``dz``, so the whole gradient is one matmul
-    of ``[dz, dz>>col, dz>>row, dz>>both]`` (``4*C_out`` features) with a ``(4*C_out,
-    4*C_in)`` block matrix of kernel taps, followed by a pixel shuffle. That avoids the
-    ``kh*kw*C_in``-wide patch cotangent and the scatter-add of the im2col transpose.
+    With the native kernels it is ``dz @ W^T`` and the one-pass native col2im. Without them,
+    3x3 stride-2 pad-1 convolutions (the Omniglot Conv4) use the sub-pixel decomposition:
+    each of the four (row, column) parity phases of the input gradient is a sum over at most
+    four shifted copies of ``dz``, so the whole gradient is one matmul of ``[dz, dz>>col,
+    dz>>row, dz>>both]`` (``4*C_out`` features) with a ``(4*C_out, 4*C_in)`` block matrix of
+    kernel taps, followed by a pixel shuffle. That avoids XLA's slow scatter-add of the
+    im2col transpose, at the price of 16/9 of the matmul FLOPs (7 of the 16 blocks are zero),
+    which is why the native col2im path is faster (``conv_paths.py``: (a) +9%, (d) +12%).
     Other shapes use ``dz @ W^T`` and the transpose of im2col.
     """
     kh, kw, cin, cout = kernel.shape
     n, h, w, _ = x_shape
-    if (kh, kw, stride, padding) == (3, 3, 2, 1) and FUSED_OPTIONS["phase_dx"]:
+    phase_dx = FUSED_OPTIONS["phase_dx"]
+    if phase_dx == "auto":
+        phase_dx = not _native_patches_on(dz)
+    if (kh, kw, stride, padding) == (3, 3, 2, 1) and phase_dx:
         ho, wo = dz.shape[1], dz.shape[2]
         if _native_patches_on(dz):  # the same four shifts: a 2x2 window, padded after
             shifted = native_patches.im2col(dz, 2, 2, stride=1, padding=0, out_hw=(ho, wo))
