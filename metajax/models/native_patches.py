@@ -4,9 +4,11 @@ Why: XLA:CPU builds an im2col (``kh * kw`` strided slices and a concatenate) as 
 per slice plus a copy into the concatenated result, and runs several thousand such small
 ops per MAML meta-step. ``native_patches.cc`` writes the whole patch matrix in one pass
 (and its transpose, col2im, in one pass), split over XLA's intra-op thread pool. On the
-Omniglot Conv4 (``benchmarks/conv_paths.py``, ``benchmarks/maml_step.py``) this made the
-second-order meta-step 5-8% faster, its compile about 40% shorter and the compiling
-process's peak RSS 150-190 MiB smaller, since the step's HLO shrinks by a quarter.
+Omniglot Conv4 (``benchmarks/conv_paths.py``, interleaved) this made the second-order
+meta-step 7.5-8% faster, its compile about 35% shorter and the compiling process's peak RSS
+150-190 MiB smaller (the step's HLO shrinks by a quarter); the one-pass col2im then also
+made ``dz @ W^T`` + col2im the fastest input gradient (another 9-12%, see
+``layers._conv_input_grad``).
 
 The C++ source ships with the package and is compiled on first use with the system C++
 compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against the XLA FFI headers of the
