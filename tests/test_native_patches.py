@@ -49,6 +49,9 @@ def test_padding_after_comes_from_the_output_size_and_vmap_folds_into_images():
     batched = jnp.stack([x, -2.0 * x])
     mapped = jax.vmap(lambda x: native_patches.im2col(x, 3, 3, 2, 1))(batched)
     np.testing.assert_array_equal(mapped[1], -2.0 * extract_patches(x, 3, 3, 2, 1))
+    images = jax.vmap(lambda p: native_patches.col2im(p, x.shape[1:], 3, 3, 2, 1))(mapped)
+    _, vjp = jax.vjp(lambda x: extract_patches(x, 3, 3, 2, 1), x)
+    np.testing.assert_allclose(images[1], vjp(mapped[1])[0], rtol=1e-6, atol=1e-5)
 
 
 @needs_native

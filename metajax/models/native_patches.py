@@ -13,7 +13,7 @@ made ``dz @ W^T`` + col2im the fastest input gradient (another 9-12%, see
 The C++ source ships with the package and is compiled on first use with the system C++
 compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against the XLA FFI headers of the
 installed jaxlib, into ``$METAJAX_NATIVE_CACHE`` (default ``~/.cache/metajax/native``),
-keyed by a hash of the source, the jaxlib version and the compiler, and written atomically
+keyed by a hash of the source, the jax/jaxlib versions and the compiler, and written atomically
 (concurrent processes are safe). Nothing is downloaded. Without a compiler, or with
 ``METAJAX_NATIVE_PATCHES=0``, :func:`status` says why and the fused convolution keeps its
 pure-XLA im2col (same results: im2col is an exact copy, col2im differs only in summation
@@ -37,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -98,7 +99,8 @@ def build_library(compiler: Optional[str] = None, directory: Optional[Path] = No
                                "kernels")
     include = jax.ffi.include_dir()
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), compiler.encode(),
+    versions = f"jax {jax.__version__} jaxlib {importlib.metadata.version('jaxlib')}"
+    key = hashlib.sha256(b"\0".join([source, versions.encode(), compiler.encode(),
                                      " ".join(_FLAGS).encode()])).hexdigest()[:16]
     directory = Path(directory) if directory else cache_dir()
     target = directory / f"native_patches-{key}.so"
