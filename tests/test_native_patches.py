@@ -146,3 +146,41 @@ def test_library_is_cached_by_content(tmp_path):
     mtime = os.stat(first).st_mtime_ns
     assert native_patches.build_library(directory=tmp_path) == first  # no rebuild
     assert os.stat(first).st_mtime_ns == mtime
+
+
+def test_without_a_compiler_the_fused_block_warns_once_and_uses_xla(tmp_path):
+    """A fresh process with a failing compiler and an empty cache: one NativePatchesWarning
+    naming the failure, and the fused conv block still gives the XLA-slice result."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import warnings
+        import jax, jax.numpy as jnp, numpy as np
+        from metajax.models import layers, native_patches
+        x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+        k = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+        zero, one = jnp.zeros(4), jnp.ones(4)
+        f = lambda x, k: jnp.sum(layers.conv_bn_relu(x, k, zero, one, zero, stride=2, padding=1,
+                                                     impl="fused") ** 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grads = jax.grad(f, argnums=(0, 1))(x, k)
+            grads_again = jax.grad(f, argnums=(0, 1))(2 * x, k)
+        messages = [str(w.message) for w in caught
+                    if issubclass(w.category, native_patches.NativePatchesWarning)]
+        assert len(messages) == 1, messages
+        assert "exit 1" in messages[0] and "XLA slices" in messages[0], messages[0]
+        assert native_patches.status()[0] is False
+        ref = jax.grad(lambda x, k: jnp.sum(layers.conv_bn_relu(
+            x, k, zero, one, zero, stride=2, padding=1, impl="patches") ** 2), argnums=(0, 1))(x, k)
+        for g, r in zip(grads, ref):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+        print("FALLBACK_OK")
+    """)
+    env = dict(os.environ, CXX="false", METAJAX_NATIVE_CACHE=str(tmp_path / "cache"),
+               JAX_PLATFORMS="cpu")
+    env.pop("METAJAX_NATIVE_PATCHES", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0 and "FALLBACK_OK" in proc.stdout, proc.stdout + proc.stderr
