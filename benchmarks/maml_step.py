@@ -123,6 +123,7 @@ def run_child(spec: dict) -> dict:
     import jax
     import numpy as np
     from metajax.core.inner_loop import resolve_remat
+    from metajax.models import layers, native_patches
     from metajax.models.layers import resolve_conv_impl
     name = spec["config"]
     cfg = CONFIGS[name]
@@ -165,6 +166,10 @@ def run_child(spec: dict) -> dict:
     return {
         "config": dict(name=name, **cfg),
         "conv_impl": resolve_conv_impl(spec["conv_impl"]),
+        # whether the fused block ran its im2col/col2im as the native C++ custom calls
+        "native_patches": bool(resolve_conv_impl(spec["conv_impl"]) == "fused"
+                               and layers.FUSED_OPTIONS["native_patches"]
+                               and native_patches.available()),
         "task_map": task_map,
         "remat": resolve_remat(spec.get("remat", "auto"), steps=cfg["inner_steps"],
                                first_order=cfg["first_order"]),
@@ -257,7 +262,8 @@ def main(argv=None):
                       if "peak_rss_warm_cache_mb" in res else "")
             print(f"({name}) {c['ways']}-way {c['shots']}-shot {c['query']}q k={c['inner_steps']} "
                   f"T={c['meta_batch']} {'1st' if c['first_order'] else '2nd'} order "
-                  f"[{res['conv_impl']}, {res['task_map']}, remat {res['remat']}]: "
+                  f"[{res['conv_impl']}{' + native im2col' if res['native_patches'] else ''}, "
+                  f"{res['task_map']}, remat {res['remat']}]: "
                   f"{res['tasks_per_s']:.1f} tasks/s, {res['seconds_per_step']:.3f} s/step "
                   f"(min {res['seconds_min']:.3f}), compile {res['compile_s']:.1f} s, "
                   f"peak RSS {res['peak_rss_mb']:.0f} MiB, {cached}"
