@@ -40,7 +40,7 @@ def test_im2col_and_col2im_equal_the_xla_reference(shape, geometry, dtype):
 @needs_native
 def test_padding_after_comes_from_the_output_size_and_vmap_folds_into_images():
     x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
-    # The phase input gradient's four shifts [x, x>>col, x>>row, x>>both], zero past the end.
+    # A 2x2 window padded only after: the four shifts [x, x>>col, x>>row, x>>both].
     shifted = native_patches.im2col(x, 2, 2, stride=1, padding=0, out_hw=(5, 6))
     xp = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
     expected = jnp.concatenate([xp[:, :5, :6], xp[:, :5, 1:], xp[:, 1:, :6], xp[:, 1:, 1:]], -1)

@@ -64,8 +64,8 @@ CONV_IMPLS = ("lax", "patches", "fused", "auto")
 # activation once instead of re-fusing batch norm + ReLU into every im2col slice).
 # "phase_col2im": the transpose of im2col (what second-order MAML differentiates the fused
 # backward into) as four sub-pixel phases for 3x3/2 convs instead of nine full-size pads.
-# "native_patches": im2col, col2im and the phase input gradient's shifted copies as the C++
-# custom calls of native_patches.py where they build (CPU, float32/64); else XLA slices.
+# "native_patches": im2col and col2im as the C++ custom calls of native_patches.py where
+# they build (CPU, float32/64); else XLA slices.
 FUSED_OPTIONS = {"phase_dx": "auto", "materialize": False, "phase_col2im": True,
                  "native_patches": True}
 
@@ -260,12 +260,9 @@ def _conv_input_grad(dz, kernel, x_shape, stride, padding):
         phase_dx = not _native_patches_on(dz)
     if (kh, kw, stride, padding) == (3, 3, 2, 1) and phase_dx:
         ho, wo = dz.shape[1], dz.shape[2]
-        if _native_patches_on(dz):  # the same four shifts: a 2x2 window, padded after
-            shifted = native_patches.im2col(dz, 2, 2, stride=1, padding=0, out_hw=(ho, wo))
-        else:
-            dzp = jnp.pad(dz, ((0, 0), (0, 1), (0, 1), (0, 0)))
-            shifted = jnp.concatenate(
-                [dzp[:, :ho, :wo], dzp[:, :ho, 1:], dzp[:, 1:, :wo], dzp[:, 1:, 1:]], axis=-1)
+        dzp = jnp.pad(dz, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        shifted = jnp.concatenate(
+            [dzp[:, :ho, :wo], dzp[:, :ho, 1:], dzp[:, 1:, :wo], dzp[:, 1:, 1:]], axis=-1)
         kt = jnp.swapaxes(kernel, 2, 3)  # (3, 3, C_out, C_in)
         zero = jnp.zeros_like(kt[0, 0])
         # rows: dz[p,q], dz[p,q+1], dz[p+1,q], dz[p+1,q+1]; cols: phases (0,0),(0,1),(1,0),(1,1)

@@ -167,34 +167,25 @@ def _check(x: jax.Array, what: str) -> None:
         raise NativeBuildError(f"{what}: the native kernels are not available: {status()[1]}")
 
 
-def _attrs(spec):
-    kh, kw, stride, padding = spec[:4]
-    return dict(kh=np.int64(kh), kw=np.int64(kw), stride=np.int64(stride), pad=np.int64(padding))
-
-
 # spec = (kh, kw, stride, padding, (H, W, C), (Ho, Wo)): everything static about one im2col.
-def _im2col_call(x, spec):
-    kh, kw, _, _, (_, _, c), out_hw = spec
-    out = jax.ShapeDtypeStruct(x.shape[:-3] + tuple(out_hw) + (kh * kw * c,), x.dtype)
-    symbol = _KERNELS[("im2col", jnp.dtype(x.dtype).name)]
-    return jax.ffi.ffi_call(_target(symbol), out, vmap_method="broadcast_all")(x, **_attrs(spec))
-
-
-def _col2im_call(patches, spec):
-    out = jax.ShapeDtypeStruct(patches.shape[:-3] + tuple(spec[4]), patches.dtype)
-    symbol = _KERNELS[("col2im", jnp.dtype(patches.dtype).name)]
+def _ffi(kind: str, operand, spec):
+    """The raw custom call: ``kind="im2col"`` (image -> patches) or ``"col2im"`` (back)."""
+    kh, kw, stride, padding, image_hwc, out_hw = spec
+    trailing = tuple(out_hw) + (kh * kw * image_hwc[-1],) if kind == "im2col" else image_hwc
+    out = jax.ShapeDtypeStruct(operand.shape[:-3] + tuple(trailing), operand.dtype)
+    symbol = _KERNELS[(kind, jnp.dtype(operand.dtype).name)]
     return jax.ffi.ffi_call(_target(symbol), out, vmap_method="broadcast_all")(
-        patches, **_attrs(spec))
+        operand, kh=np.int64(kh), kw=np.int64(kw), stride=np.int64(stride), pad=np.int64(padding))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _im2col(x, spec):
-    return _im2col_call(x, spec)
+    return _ffi("im2col", x, spec)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _col2im(patches, spec):
-    return _col2im_call(patches, spec)
+    return _ffi("col2im", patches, spec)
 
 
 # Each is the other's transpose (both linear), so any order of derivative is again one of them.
