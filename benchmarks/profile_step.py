@@ -10,6 +10,7 @@ per meta-step.
 Usage:
   python benchmarks/profile_step.py --config a
   python benchmarks/profile_step.py --config d --top 40 --remat none
+  python benchmarks/profile_step.py --config a --dump-hlo /tmp/a.hlo   # look the ops up there
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def main(argv=None):
     parser.add_argument("--remat", default="auto")
     parser.add_argument("--steps", type=int, default=3, help="meta-steps traced")
     parser.add_argument("--top", type=int, default=25, help="slowest ops listed")
+    parser.add_argument("--dump-hlo", metavar="PATH",
+                        help="also write the optimised HLO text there (to look up the ops listed)")
     args = parser.parse_args(argv)
 
     import jax
@@ -123,7 +126,11 @@ def main(argv=None):
     step, state = build_step(cfg, args.conv_impl, parse_task_map(args.task_map), args.remat)
     batch = make_batch(cfg, 0)
     compiled = step.lower(state, batch).compile()
-    categories = op_categories(compiled.as_text())
+    hlo_text = compiled.as_text()
+    if args.dump_hlo:
+        with open(args.dump_hlo, "w") as f:
+            f.write(hlo_text)
+    categories = op_categories(hlo_text)
     for _ in range(2):
         state, _ = compiled(state, batch)
     jax.block_until_ready(state)

@@ -91,22 +91,35 @@ void Images(const Geometry& g, const T* in, T* out, int64_t first, int64_t last)
     const T* src = in + n * (kToImage ? patch_size : image_size);
     T* dst = out + n * (kToImage ? image_size : patch_size);
     if (kToImage) std::memset(dst, 0, image_size * sizeof(T));
-    int64_t tap = 0;  // offset of the current tap in the patch matrix
+    int64_t tap = 0;  // offset of the current (row of) taps in the patch matrix
     for (int64_t i = 0; i < g.ho; ++i) {
       for (int64_t j = 0; j < g.wo; ++j) {
-        for (int64_t dy = 0; dy < g.kh; ++dy) {
+        const int64_t x0 = j * g.stride - g.pad, span = g.kw * c;
+        const bool columns_inside = x0 >= 0 && x0 + g.kw <= g.w;
+        for (int64_t dy = 0; dy < g.kh; ++dy, tap += span) {
           const int64_t y = i * g.stride + dy - g.pad;
-          for (int64_t dx = 0; dx < g.kw; ++dx, tap += c) {
-            const int64_t x = j * g.stride + dx - g.pad;
-            const bool inside = y >= 0 && y < g.h && x >= 0 && x < g.w;
+          if (y < 0 || y >= g.h) {  // a padding row: no pixel of it is read
+            if (!kToImage) std::memset(dst + tap, 0, span * sizeof(T));
+            continue;
+          }
+          if (columns_inside) {  // the row's kw taps are kw adjacent pixels: one contiguous run
+            const int64_t pixel = (y * g.w + x0) * c;
+            if (kToImage) {
+              for (int64_t k = 0; k < span; ++k) dst[pixel + k] += src[tap + k];
+            } else {
+              std::memcpy(dst + tap, src + pixel, span * sizeof(T));
+            }
+            continue;
+          }
+          for (int64_t dx = 0; dx < g.kw; ++dx) {
+            const int64_t x = x0 + dx, at = tap + dx * c;
+            const bool inside = x >= 0 && x < g.w;
             const int64_t pixel = (y * g.w + x) * c;
             if (kToImage) {
               if (!inside) continue;
-              for (int64_t k = 0; k < c; ++k) dst[pixel + k] += src[tap + k];
-            } else if (inside) {
-              std::memcpy(dst + tap, src + pixel, c * sizeof(T));
+              for (int64_t k = 0; k < c; ++k) dst[pixel + k] += src[at + k];
             } else {
-              std::memset(dst + tap, 0, c * sizeof(T));
+              for (int64_t k = 0; k < c; ++k) dst[at + k] = inside ? src[pixel + k] : T(0);
             }
           }
         }
