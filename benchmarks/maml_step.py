@@ -96,7 +96,7 @@ def parse_task_map(value: str):
     return resolve_task_map(value)
 
 
-def build_step(cfg: dict, conv_impl: str, task_map, remat="auto"):
+def build_step(cfg: dict, conv_impl: str, task_map, remat="auto", unroll="auto"):
     """``(train_step, state)`` for one configuration."""
     import jax
     import optax
@@ -106,11 +106,16 @@ def build_step(cfg: dict, conv_impl: str, task_map, remat="auto"):
                                            conv_impl=conv_impl)
     maml = mj.MAML(apply_fn, mj.cross_entropy,
                    inner=mj.InnerLoop(cfg["inner_steps"], INNER_LR,
-                                      first_order=cfg["first_order"], remat=remat),
+                                      first_order=cfg["first_order"], remat=remat,
+                                      unroll=unroll),
                    metric_fns={"accuracy": mj.accuracy}, task_map=task_map)
     optimizer = optax.adam(1e-3)
     state = mj.create_train_state(maml.init(params), optimizer, jax.random.key(1))
     return mj.make_train_step(maml.meta_loss, optimizer), state
+
+
+def _parse_unroll(value: str):
+    return "auto" if value == "auto" else True if value == "all" else int(value)
 
 
 def _flops(cost) -> float:
@@ -122,7 +127,7 @@ def run_child(spec: dict) -> dict:
     """Benchmarks one configuration in this process and returns the result dict."""
     import jax
     import numpy as np
-    from metajax.core.inner_loop import resolve_remat
+    from metajax.core.inner_loop import resolve_remat, resolve_unroll
     from metajax.models import layers, native_patches
     from metajax.models.layers import resolve_conv_impl
     name = spec["config"]
@@ -132,7 +137,8 @@ def run_child(spec: dict) -> dict:
         enable_compilation_cache(spec["cache_dir"], min_compile_time_s=0.0)
     rss_imports = _peak_rss_mb()
     task_map = parse_task_map(spec["task_map"])
-    step, state = build_step(cfg, spec["conv_impl"], task_map, spec.get("remat", "auto"))
+    step, state = build_step(cfg, spec["conv_impl"], task_map, spec.get("remat", "auto"),
+                             spec.get("unroll", "auto"))
     batches = [make_batch(cfg, seed) for seed in range(4)]
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
@@ -155,7 +161,8 @@ def run_child(spec: dict) -> dict:
     elif task_map != "vmap":
         # XLA's cost analysis counts a while-loop body once, so count FLOPs on the vmap
         # lowering of the same step (pre-optimisation HLO; no second compile needed).
-        vstep, vstate = build_step(cfg, spec["conv_impl"], "vmap", spec.get("remat", "auto"))
+        vstep, vstate = build_step(cfg, spec["conv_impl"], "vmap", spec.get("remat", "auto"),
+                                   spec.get("unroll", "auto"))
         xla_flops = _flops(vstep.lower(vstate, batches[0]).cost_analysis())
     else:
         xla_flops = _flops(compiled.cost_analysis())
@@ -173,6 +180,9 @@ def run_child(spec: dict) -> dict:
         "task_map": task_map,
         "remat": resolve_remat(spec.get("remat", "auto"), steps=cfg["inner_steps"],
                                first_order=cfg["first_order"]),
+        "unroll": resolve_unroll(spec.get("unroll", "auto"), steps=cfg["inner_steps"],
+                                 first_order=cfg["first_order"],
+                                 support_size=cfg["ways"] * cfg["shots"]),
         "tasks_per_s": cfg["meta_batch"] / sec,
         "seconds_per_step": sec,
         "seconds_min": float(np.min(times)),
@@ -218,6 +228,8 @@ def main(argv=None):
                         "vmap elsewhere)")
     parser.add_argument("--remat", default="auto", choices=["auto", "none", "full", "dots"],
                         help="what the second-order pass keeps of each inner step (InnerLoop.remat)")
+    parser.add_argument("--unroll", default="auto",
+                        help="inner steps per scan iteration (InnerLoop.unroll): auto, all or an int")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0,
@@ -242,6 +254,7 @@ def main(argv=None):
     for name in args.configs.split(","):
         spec = dict(config=name, conv_impl=args.conv_impl, task_map=args.task_map,
                     remat=args.remat, steps=args.steps, warmup=args.warmup,
+                    unroll=_parse_unroll(args.unroll),
                     peak=not args.no_peak)
         if args.no_warm_cache:
             res = _run_child_process(spec, env)
@@ -263,7 +276,7 @@ def main(argv=None):
             print(f"({name}) {c['ways']}-way {c['shots']}-shot {c['query']}q k={c['inner_steps']} "
                   f"T={c['meta_batch']} {'1st' if c['first_order'] else '2nd'} order "
                   f"[{res['conv_impl']}{' + native im2col' if res['native_patches'] else ''}, "
-                  f"{res['task_map']}, remat {res['remat']}]: "
+                  f"{res['task_map']}, remat {res['remat']}, unroll {res['unroll']}]: "
                   f"{res['tasks_per_s']:.1f} tasks/s, {res['seconds_per_step']:.3f} s/step "
                   f"(min {res['seconds_min']:.3f}), compile {res['compile_s']:.1f} s, "
                   f"peak RSS {res['peak_rss_mb']:.0f} MiB, {cached}"

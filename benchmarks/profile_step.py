@@ -59,7 +59,8 @@ def op_categories(hlo_text: str) -> dict[str, str]:
         return "elementwise"
 
     categories = {}
-    pattern = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+\s+([\w\-]+)\((.*)$")
+    # The shape is one token, or a parenthesised tuple (multi-output ops) with spaces inside.
+    pattern = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\([^=]*?\)|\S+)\s+([\w\-]+)\((.*)$")
     for text in computations.values():
         for line in text.splitlines():
             m = pattern.match(line)

@@ -116,6 +116,9 @@ class OmniglotConfig:
                        "intermediates), full (nothing: flat memory in the number of steps), "
                        "dots (matmul outputs only), auto (dots on CPU for several "
                        "second-order steps, else none)", choices=("auto", "none", "full", "dots"))
+    unroll: str = field("auto", "inner steps per iteration of the inner scan: auto (all of "
+                        "them for second-order loops of 2-8 steps on CPU with a support set "
+                        "of 16+ examples, else 1), all, or a number")
     first_order_steps: int = field(0, "mamlpp: derivative-order annealing, first order for the "
                                    "first N iterations, then second order (same compiled step)")
     msl_anneal_steps: int = field(1000, "mamlpp: iterations over which the multi-step loss "
@@ -132,6 +135,15 @@ class OmniglotConfig:
     tensorboard: bool = field(True, "also write TensorBoard event files to OUT/tb")
     seed: int = field(0, "random seed")
     progress: bool = field(True, "show a progress bar")
+
+
+def parse_unroll(value: str):
+    """``--unroll``: ``"auto"``, ``"all"`` (fully unrolled) or a positive int (InnerLoop.unroll)."""
+    if value in ("auto", "all"):
+        return "auto" if value == "auto" else True
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise ValueError(f"--unroll must be auto, all or a positive integer, got {value!r}.")
 
 
 def resolve(config: OmniglotConfig) -> OmniglotConfig:
@@ -202,7 +214,7 @@ def build_algorithm(config: OmniglotConfig, key, num_train_classes: int):
     sample = jnp.zeros((2, config.image_size, config.image_size, 1), jnp.uint8)
     features = jax.eval_shape(apply_fn, params, sample).shape[-1]
     inner = mj.InnerLoop(steps=config.inner_steps, learning_rate=config.inner_lr,
-                         remat=config.remat)
+                         remat=config.remat, unroll=parse_unroll(config.unroll))
     algorithm = make_algorithm(config.algo, apply_fn, mj.cross_entropy, params, inner,
                                metric_fns={"accuracy": mj.accuracy},
                                task_map=resolve_task_map(config.task_map),

@@ -1,6 +1,7 @@
 """Conv4 backbones and the fast convolution paths: shapes, parameter counts, and that every
 path gives the same (second-order) MAML meta-gradient, which also matches finite differences."""
 
+import chex
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -162,6 +163,44 @@ def test_resolve_remat_and_bad_values():
         mj.InnerLoop(2, 0.4, remat="dot")
     with pytest.raises(ValueError, match="remat must be one of"):
         mj.InnerLoop(2, 0.4, remat=1)
+
+
+def test_dots_policy_recomputes_transposed_weight_products_and_keeps_named_values(capsys):
+    """remat="dots" keeps plain products and values named REMAT_SAVE_NAME, and recomputes
+    ``a @ b.T`` products (the input gradients; in a conv the big patch cotangent)."""
+    from jax import lax
+    from jax.ad_checkpoint import checkpoint_name, print_saved_residuals
+
+    def f(w, v, x):
+        h = jnp.tanh(x @ w)                                        # (4, 7): kept
+        nt = lax.dot_general(h, v, (((1,), (1,)), ((), ())))       # (4, 5): recomputed
+        named = checkpoint_name(jnp.sin(nt).sum(0), mj.core.REMAT_SAVE_NAME)  # (5,): kept
+        return jnp.sum(jnp.cos(named)) + jnp.sum(jnp.sin(nt))
+
+    args = (jnp.ones((3, 7)) * 0.1, jnp.ones((5, 7)) * 0.2, jnp.ones((4, 3)))
+    print_saved_residuals(jax.checkpoint(f, policy=mj.core.dots_policy), *args)
+    saved = capsys.readouterr().out
+    assert "f32[4,7] output of dot_general" in saved
+    assert f"f32[5] named '{mj.core.REMAT_SAVE_NAME}'" in saved
+    assert "f32[4,5]" not in saved, saved
+    # The same gradient as without rematerialisation.
+    chex.assert_trees_all_close(jax.grad(jax.checkpoint(f, policy=mj.core.dots_policy))(*args),
+                                jax.grad(f)(*args), rtol=1e-6)
+
+
+def test_resolve_unroll_and_bad_values():
+    resolve = mj.core.resolve_unroll
+    assert resolve("auto", steps=5, first_order=False, support_size=20, backend="cpu") == 5
+    assert resolve("auto", steps=5, first_order=False, support_size=5, backend="cpu") == 1
+    assert resolve("auto", steps=5, first_order=True, support_size=20, backend="cpu") == 1
+    assert resolve("auto", steps=5, first_order=False, support_size=20, backend="gpu") == 1
+    assert resolve("auto", steps=20, first_order=False, support_size=20, backend="cpu") == 1
+    assert resolve(True, steps=3, first_order=True, support_size=1) == 3
+    assert resolve(False, steps=3, first_order=False, support_size=99) == 1
+    assert resolve(2, steps=3, first_order=False, support_size=1) == 2
+    for bad in ("yes", 0, -1, 1.5):
+        with pytest.raises(ValueError, match="InnerLoop.unroll must be"):
+            mj.InnerLoop(2, 0.4, unroll=bad)
 
 
 @pytest.mark.slow  # ~1 min on 2 cores; the float64 finite-difference test below runs "auto",

@@ -54,6 +54,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax.ad_checkpoint import checkpoint_name
+
+from metajax.core.remat import REMAT_SAVE_NAME
 from metajax.models import native_patches
 
 CONV_IMPLS = ("lax", "patches", "fused", "auto")
@@ -273,12 +276,18 @@ def _conv_input_grad(dz, kernel, x_shape, stride, padding):
         wmat = jnp.concatenate([jnp.concatenate(row, axis=1) for row in blocks], axis=0)
         phases = _matmul_rows(shifted, wmat).reshape(n, ho, wo, 2, 2, cin)
         return _pixel_shuffle(phases, h, w)
-    dpatches = _matmul_rows(dz, kernel.reshape(kh * kw * cin, cout).T)
+    # dz @ W^T as a transposed-right-operand product: remat="dots" recomputes it rather than
+    # storing the kh*kw times larger patch cotangent, and keeps the named col2im result.
+    w2d = kernel.reshape(kh * kw * cin, cout)
+    dpatches = lax.dot_general(dz.reshape(-1, cout), w2d, (((1,), (1,)), ((), ()))).reshape(
+        dz.shape[:-1] + (kh * kw * cin,))
     if _native_patches_on(dpatches):
-        return native_patches.col2im(dpatches, x_shape[1:], kh, kw, stride, padding)
-    _, vjp = jax.vjp(lambda x: extract_patches(x, kh, kw, stride, padding),
-                     jnp.zeros(x_shape, dz.dtype))
-    return vjp(dpatches)[0]
+        dx = native_patches.col2im(dpatches, x_shape[1:], kh, kw, stride, padding)
+    else:
+        _, vjp = jax.vjp(lambda x: extract_patches(x, kh, kw, stride, padding),
+                         jnp.zeros(x_shape, dz.dtype))
+        dx = vjp(dpatches)[0]
+    return checkpoint_name(dx, REMAT_SAVE_NAME)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
