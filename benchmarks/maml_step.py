@@ -96,7 +96,7 @@ def parse_task_map(value: str):
     return resolve_task_map(value)
 
 
-def build_step(cfg: dict, conv_impl: str, task_map, remat="auto", unroll="auto"):
+def build_step(cfg: dict, conv_impl: str, task_map, remat="auto", unroll=1):
     """``(train_step, state)`` for one configuration."""
     import jax
     import optax
@@ -115,7 +115,7 @@ def build_step(cfg: dict, conv_impl: str, task_map, remat="auto", unroll="auto")
 
 
 def _parse_unroll(value: str):
-    return "auto" if value == "auto" else True if value == "all" else int(value)
+    return True if value == "all" else int(value)
 
 
 def _flops(cost) -> float:
@@ -138,7 +138,7 @@ def run_child(spec: dict) -> dict:
     rss_imports = _peak_rss_mb()
     task_map = parse_task_map(spec["task_map"])
     step, state = build_step(cfg, spec["conv_impl"], task_map, spec.get("remat", "auto"),
-                             spec.get("unroll", "auto"))
+                             spec.get("unroll", 1))
     batches = [make_batch(cfg, seed) for seed in range(4)]
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
@@ -162,7 +162,7 @@ def run_child(spec: dict) -> dict:
         # XLA's cost analysis counts a while-loop body once, so count FLOPs on the vmap
         # lowering of the same step (pre-optimisation HLO; no second compile needed).
         vstep, vstate = build_step(cfg, spec["conv_impl"], "vmap", spec.get("remat", "auto"),
-                                   spec.get("unroll", "auto"))
+                                   spec.get("unroll", 1))
         xla_flops = _flops(vstep.lower(vstate, batches[0]).cost_analysis())
     else:
         xla_flops = _flops(compiled.cost_analysis())
@@ -180,9 +180,7 @@ def run_child(spec: dict) -> dict:
         "task_map": task_map,
         "remat": resolve_remat(spec.get("remat", "auto"), steps=cfg["inner_steps"],
                                first_order=cfg["first_order"]),
-        "unroll": resolve_unroll(spec.get("unroll", "auto"), steps=cfg["inner_steps"],
-                                 first_order=cfg["first_order"],
-                                 support_size=cfg["ways"] * cfg["shots"]),
+        "unroll": resolve_unroll(spec.get("unroll", 1), steps=cfg["inner_steps"]),
         "tasks_per_s": cfg["meta_batch"] / sec,
         "seconds_per_step": sec,
         "seconds_min": float(np.min(times)),
@@ -228,8 +226,8 @@ def main(argv=None):
                         "vmap elsewhere)")
     parser.add_argument("--remat", default="auto", choices=["auto", "none", "full", "dots"],
                         help="what the second-order pass keeps of each inner step (InnerLoop.remat)")
-    parser.add_argument("--unroll", default="auto",
-                        help="inner steps per scan iteration (InnerLoop.unroll): auto, all or an int")
+    parser.add_argument("--unroll", default="1",
+                        help="inner steps per scan iteration (InnerLoop.unroll): all or an int")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0,

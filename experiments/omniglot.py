@@ -116,9 +116,9 @@ class OmniglotConfig:
                        "intermediates), full (nothing: flat memory in the number of steps), "
                        "dots (matmul outputs only), auto (dots on CPU for several "
                        "second-order steps, else none)", choices=("auto", "none", "full", "dots"))
-    unroll: str = field("auto", "inner steps per iteration of the inner scan: auto (all of "
-                        "them for second-order loops of 2-8 steps on CPU with a support set "
-                        "of 16+ examples, else 1), all, or a number")
+    unroll: str = field("1", "inner steps per iteration of the inner scan: a number, or all "
+                        "(fully unrolled: a few % faster for second-order loops on large "
+                        "support sets, more memory)")
     first_order_steps: int = field(0, "mamlpp: derivative-order annealing, first order for the "
                                    "first N iterations, then second order (same compiled step)")
     msl_anneal_steps: int = field(1000, "mamlpp: iterations over which the multi-step loss "
@@ -138,12 +138,12 @@ class OmniglotConfig:
 
 
 def parse_unroll(value: str):
-    """``--unroll``: ``"auto"``, ``"all"`` (fully unrolled) or a positive int (InnerLoop.unroll)."""
-    if value in ("auto", "all"):
-        return "auto" if value == "auto" else True
+    """``--unroll``: ``"all"`` (fully unrolled) or a positive int (InnerLoop.unroll)."""
+    if value == "all":
+        return True
     if value.isdigit() and int(value) >= 1:
         return int(value)
-    raise ValueError(f"--unroll must be auto, all or a positive integer, got {value!r}.")
+    raise ValueError(f"--unroll must be all or a positive integer, got {value!r}.")
 
 
 def resolve(config: OmniglotConfig) -> OmniglotConfig:

@@ -73,40 +73,31 @@ def resolve_remat(remat: Union[bool, str], *, steps: int, first_order: bool,
     return "dots" if on_cpu and steps > 1 and not first_order else "none"
 
 
-def resolve_unroll(unroll: Union[bool, int, str], *, steps: int, first_order: bool,
-                   support_size: int, backend: Optional[str] = None) -> int:
-    """How many inner steps one iteration of the inner ``lax.scan`` runs (``steps`` = fully unrolled).
+def resolve_unroll(unroll: Union[bool, int], *, steps: int) -> int:
+    """Inner steps per iteration of the inner ``lax.scan``: ``True`` is all ``steps``, ``False`` 1.
 
-    ``"auto"`` unrolls fully on CPU for second-order loops of 2 to 8 steps over a support
-    set of at least 16 examples, else keeps the loop rolled (1). Unrolled, XLA schedules the
-    steps and their backward pass as straight-line code, without the stacked per-step
-    residuals of a scan (zero-filled, written and sliced back each step), which cost more
-    the bigger the support set. Measured with ``benchmarks/maml_step.py`` configurations
-    compiled in one process and timed in interleaved rounds (2 CPU cores): (d) 20-way
-    1-shot, 5 steps: +6-12% tasks/s, compile time unchanged; (c) 5-way 1-shot, 5 steps:
-    0.95-1.00x, so small support sets stay rolled. ``True`` is ``steps``, ``False`` is 1.
+    Unrolled, XLA schedules the steps and their backward pass as straight-line code, without
+    the stacked per-step residuals of a scan (zero-filled, written and sliced back each
+    step). Measured with ``benchmarks/maml_step.py`` configurations compiled in one process
+    and timed in interleaved rounds (2 CPU cores): (d) 20-way 1-shot, 5 steps, fully
+    unrolled: +3% to +12% tasks/s (runs an hour apart), but 82 MiB of XLA temporaries
+    instead of 49 (``compiled.memory_analysis()``; XLA then keeps the steps' intermediates
+    alive whatever ``remat`` says), which puts the process above learn2learn's peak memory;
+    (c) 5-way 1-shot, 5 steps: 0.95-1.00x. So the default stays rolled (1).
 
     Example:
-      >>> resolve_unroll("auto", steps=5, first_order=False, support_size=20, backend="cpu")
-      5
-      >>> resolve_unroll("auto", steps=5, first_order=False, support_size=5, backend="cpu")
-      1
+      >>> resolve_unroll(True, steps=5), resolve_unroll(False, steps=5), resolve_unroll(2, steps=5)
+      (5, 1, 2)
     """
     if isinstance(unroll, bool):
         return max(steps, 1) if unroll else 1
-    if unroll == "auto":
-        on_cpu = (backend or jax.default_backend()) == "cpu"
-        wins = on_cpu and not first_order and 2 <= steps <= 8 and support_size >= 16
-        return max(steps, 1) if wins else 1
     return int(unroll)
 
 
 def _check_unroll(unroll) -> None:
-    ok = (isinstance(unroll, bool) or unroll == "auto"
-          or (isinstance(unroll, int) and unroll >= 1))
-    if not ok:
-        raise ValueError(f"InnerLoop.unroll must be 'auto', a bool or an int >= 1 (inner steps "
-                         f"per scan iteration); got {unroll!r}.")
+    if not (isinstance(unroll, bool) or (isinstance(unroll, int) and unroll >= 1)):
+        raise ValueError(f"InnerLoop.unroll must be a bool or an int >= 1 (inner steps per "
+                         f"scan iteration); got {unroll!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +124,8 @@ class InnerLoop:
         ``"dots"`` on CPU for second-order loops of more than one step, else ``"none"``
         (what ``"dots"`` keeps exactly: :mod:`metajax.core.remat`).
       unroll: inner steps per iteration of the inner ``lax.scan`` (:func:`resolve_unroll`):
-        ``"auto"`` (the default) unrolls second-order loops of up to 8 steps on CPU when the
-        support set has at least 16 examples; ``True`` unrolls fully, an int ``k`` runs
-        ``k`` steps per iteration. Results are the same either way.
+        1 (the default), ``True`` (fully unrolled: a few % faster for second-order loops on
+        large support sets, more memory) or an int. Results are the same either way.
     """
 
     steps: int = 1
@@ -144,7 +134,7 @@ class InnerLoop:
     first_order: bool = False
     rates_per_step: bool = False
     remat: Union[bool, str] = "auto"
-    unroll: Union[bool, int, str] = "auto"
+    unroll: Union[bool, int] = 1
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -347,11 +337,9 @@ def adapt(params: PyTree, task: Task, *, apply_fn: ApplyFn, loss_fn: LossFn,
             body, xs = step, (indices, rate_leaves)
         else:
             body, xs = (lambda carry, i: step(carry, (i, rate_leaves if learned else None))), indices
-        support_size = jax.tree_util.tree_leaves(task.support_inputs)[0].shape[0]
-        unroll = resolve_unroll(inner.unroll, steps=inner.steps, first_order=inner.first_order,
-                                support_size=support_size)
         (final, _), traj = jax.lax.scan(body, (adapted, opt.init(adapted)), xs,
-                                        length=inner.steps, unroll=unroll)
+                                        length=inner.steps,
+                                        unroll=resolve_unroll(inner.unroll, steps=inner.steps))
 
     query_loss = query_metrics = None
     if track_query:
