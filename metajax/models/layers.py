@@ -53,7 +53,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
-
 from jax.ad_checkpoint import checkpoint_name
 
 from metajax.core.remat import REMAT_SAVE_NAME
