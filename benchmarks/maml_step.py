@@ -114,10 +114,6 @@ def build_step(cfg: dict, conv_impl: str, task_map, remat="auto", unroll=1):
     return mj.make_train_step(maml.meta_loss, optimizer), state
 
 
-def _parse_unroll(value: str):
-    return True if value == "all" else int(value)
-
-
 def _flops(cost) -> float:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get("flops", float("nan")))
@@ -249,10 +245,11 @@ def main(argv=None):
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                             f" --xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'}"
                             f" intra_op_parallelism_threads={args.threads}").strip()
+    from metajax.training.config import parse_unroll
     for name in args.configs.split(","):
         spec = dict(config=name, conv_impl=args.conv_impl, task_map=args.task_map,
                     remat=args.remat, steps=args.steps, warmup=args.warmup,
-                    unroll=_parse_unroll(args.unroll),
+                    unroll=parse_unroll(args.unroll),
                     peak=not args.no_peak)
         if args.no_warm_cache:
             res = _run_child_process(spec, env)

@@ -31,7 +31,8 @@ from metajax.data import EpisodeSampler, load_omniglot, normalize_images, omnigl
 from metajax.models.conv4 import init_omniglot_conv4
 from metajax.training.checkpoint import Checkpointer
 from metajax.training.compile_cache import configure_compilation_cache
-from metajax.training.config import field, parse_config, save_config, write_json_atomic
+from metajax.training.config import (field, parse_config, parse_unroll, save_config,
+                                     write_json_atomic)
 from metajax.training.metrics_log import MetricsLogger, read_jsonl
 from metajax.training.runner import evaluate_many, summarize_steps
 
@@ -114,10 +115,10 @@ class OmniglotConfig:
                           "(accumulate on CPU, vmap on accelerators)")
     remat: str = field("auto", "what second-order MAML keeps of each inner step: none (all "
                        "intermediates), full (nothing: flat memory in the number of steps), "
-                       "dots (matmul outputs only), auto (dots on CPU for several "
-                       "second-order steps, else none)", choices=("auto", "none", "full", "dots"))
+                       "dots (matmul outputs except input-gradient products, plus named "
+                       "values), auto (dots on CPU for several second-order steps, else none)", choices=("auto", "none", "full", "dots"))
     unroll: str = field("1", "inner steps per iteration of the inner scan: a number, or all "
-                        "(fully unrolled: a few % faster for second-order loops on large "
+                        "(fully unrolled: a few percent faster for second-order loops on large "
                         "support sets, more memory)")
     first_order_steps: int = field(0, "mamlpp: derivative-order annealing, first order for the "
                                    "first N iterations, then second order (same compiled step)")
@@ -135,15 +136,6 @@ class OmniglotConfig:
     tensorboard: bool = field(True, "also write TensorBoard event files to OUT/tb")
     seed: int = field(0, "random seed")
     progress: bool = field(True, "show a progress bar")
-
-
-def parse_unroll(value: str):
-    """``--unroll``: ``"all"`` (fully unrolled) or a positive int (InnerLoop.unroll)."""
-    if value == "all":
-        return True
-    if value.isdigit() and int(value) >= 1:
-        return int(value)
-    raise ValueError(f"--unroll must be all or a positive integer, got {value!r}.")
 
 
 def resolve(config: OmniglotConfig) -> OmniglotConfig:

@@ -192,3 +192,12 @@ def test_results_table_rows_commands_and_readme_block(tmp_path):
     assert text.endswith("<!-- results:end -->\ntail\n")
     with pytest.raises(FileNotFoundError, match="no such metrics.json"):
         table.main([str(tmp_path / "missing.json")])
+
+
+@pytest.mark.parametrize("name", ["sinusoid", "omniglot", "distill"])
+def test_experiment_help_renders(name, capsys):
+    """``--help`` prints every flag (argparse formats help strings with %, so a stray % breaks it)."""
+    with pytest.raises(SystemExit) as exit_info:
+        _load(name).main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--seed" in capsys.readouterr().out

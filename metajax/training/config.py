@@ -27,6 +27,21 @@ from typing import Any, Optional, Sequence, Type, TypeVar
 C = TypeVar("C")
 
 
+def parse_unroll(value: str):
+    """A command-line ``--unroll`` value for ``InnerLoop.unroll``: ``"all"`` (fully
+    unrolled, ``True``) or a positive integer.
+
+    Example:
+      >>> parse_unroll("all"), parse_unroll("2")
+      (True, 2)
+    """
+    if value == "all":
+        return True
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise ValueError(f"--unroll must be all or a positive integer, got {value!r}.")
+
+
 def field(default: Any, help: str, **kwargs) -> Any:  # noqa: A002 - mirrors argparse
     """A dataclass field with a help string (shown by ``--help``)."""
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
