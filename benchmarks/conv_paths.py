@@ -9,7 +9,7 @@ meaningful. Each variant is ``conv_impl:task_map``:
              fused    patches forward + hand-written conv/batch-norm/ReLU backward (custom_vjp)
   task_map   vmap | map | accumulate | <int chunk size>
   options    optional third field for fused: +materialize / -phase_dx / -phase_col2im /
-             -native_patches
+             -native_patches / -gram_bn
              (layers.FUSED_OPTIONS)
 
 Usage:

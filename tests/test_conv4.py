@@ -255,3 +255,51 @@ def test_second_order_meta_gradient_matches_finite_differences_float64(impl):
         fo = mj.MAML(apply_fn, mj.cross_entropy, inner=mj.InnerLoop(2, 0.4, first_order=True))
         g_fo = jax.jit(jax.grad(lambda p: fo.meta_loss({"model": p}, batch)[0]))(params)
         assert _max_diff(g_fo, grad) > 1e-4
+
+
+def test_covariance_form_of_the_fused_block_equals_the_direct_form_to_second_order():
+    """Blocks with few patch features (the single-channel first layer) take their batch
+    statistics from the patch covariance (layers._gram_fwd); values, all four cotangents
+    (the input's too, used here by a 1x1 block in the middle of the network) and the
+    second-order MAML meta-gradient equal the direct form in float64."""
+    from metajax.models import layers
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(7), 8)
+        params = {"k1": 0.3 * jax.random.normal(keys[0], (3, 3, 1, 40), jnp.float64),
+                  "k2": 0.2 * jax.random.normal(keys[1], (1, 1, 40, 160), jnp.float64),
+                  "s1": jax.random.uniform(keys[2], (40,), jnp.float64) + 0.5,
+                  "t1": 0.1 * jax.random.normal(keys[3], (40,), jnp.float64),
+                  "s2": jnp.ones(160, jnp.float64), "t2": jnp.zeros(160, jnp.float64)}
+        assert layers._gram_bn_on(params["k1"]) and layers._gram_bn_on(params["k2"])
+        assert not layers._gram_bn_on(jnp.zeros((3, 3, 64, 64)))
+        support = jax.random.normal(keys[4], (4, 9, 9, 1), jnp.float64)
+        query = jax.random.normal(keys[5], (6, 9, 9, 1), jnp.float64)
+
+        def features(p, x):
+            h = conv_bn_relu(x, p["k1"], jnp.zeros(40, jnp.float64), p["s1"], p["t1"],
+                             stride=2, padding=1, impl="fused")
+            h = conv_bn_relu(h, p["k2"], jnp.zeros(160, jnp.float64), p["s2"], p["t2"],
+                             impl="fused")
+            return jnp.mean(jnp.sin(h))
+
+        def meta_loss(p):
+            adapted = jax.tree.map(lambda w, g: w - 0.5 * g, p, jax.grad(features)(p, support))
+            return features(adapted, query)
+
+        def block_vjp(x, k, s, t):
+            fn = lambda *a: conv_bn_relu(a[0], a[1], jnp.zeros(40, jnp.float64), a[2], a[3],
+                                         stride=2, padding=1, impl="fused")
+            y, vjp = jax.vjp(fn, x, k, s, t)
+            return y, vjp(jnp.cos(y))
+
+        block_args = (support, params["k1"], params["s1"], params["t1"])
+        results = {}
+        for gram in (True, False):
+            layers.FUSED_OPTIONS["gram_bn"] = gram
+            try:
+                results[gram] = (jax.jit(block_vjp)(*block_args),
+                                 jax.jit(jax.grad(meta_loss))(params))
+            finally:
+                layers.FUSED_OPTIONS["gram_bn"] = True
+        chex.assert_trees_all_close(results[True], results[False], rtol=1e-9, atol=1e-12)
+        assert _max_abs(results[True][0][1][0]) > 1e-3  # the input cotangent is not trivially 0
