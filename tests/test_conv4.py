@@ -188,6 +188,23 @@ def test_dots_policy_recomputes_transposed_weight_products_and_keeps_named_value
                                 jax.grad(f)(*args), rtol=1e-6)
 
 
+def test_dots_policy_recomputes_short_contractions_with_large_outputs():
+    """Products with at most SHORT_CONTRACTION multiply-adds per output and at least
+    LARGE_OUTPUT outputs (the first Conv4 layer on 20 support images) are recomputed."""
+    from jax import lax
+    from metajax.core import remat
+    policy = mj.core.dots_policy
+    dims = (((1,), (0,)), ((), ()))
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    rows = remat.LARGE_OUTPUT // 64
+    assert not policy(lax.dot_general_p, f32(rows, 9), f32(9, 64), dimension_numbers=dims)
+    assert policy(lax.dot_general_p, f32(rows // 4, 9), f32(9, 64), dimension_numbers=dims)
+    assert policy(lax.dot_general_p, f32(rows, 17), f32(17, 64), dimension_numbers=dims)
+    batched = (((2,), (1,)), ((0,), (0,)))  # a batch axis counts towards the output size
+    assert not policy(lax.dot_general_p, f32(4, rows // 4, 9), f32(4, 9, 64),
+                      dimension_numbers=batched)
+
+
 def test_resolve_unroll_and_bad_values():
     resolve = mj.core.resolve_unroll
     assert resolve(True, steps=3) == 3 and resolve(False, steps=3) == 1
