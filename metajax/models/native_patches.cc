@@ -106,6 +106,8 @@ void Images(const Geometry& g, const T* in, T* out, int64_t first, int64_t last)
             const int64_t pixel = (y * g.w + x0) * c;
             if (kToImage) {
               for (int64_t k = 0; k < span; ++k) dst[pixel + k] += src[tap + k];
+            } else if (span < 16) {  // e.g. 3 floats of a single-channel image: no memcpy call
+              for (int64_t k = 0; k < span; ++k) dst[tap + k] = src[pixel + k];
             } else {
               std::memcpy(dst + tap, src + pixel, span * sizeof(T));
             }
