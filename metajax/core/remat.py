@@ -58,7 +58,7 @@ LARGE_OUTPUT = 1 << 17
 
 
 def _is_cheap_large_product(avals, dimension_numbers) -> bool:
-    (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+    (lhs_contract, rhs_contract), (_, rhs_batch) = dimension_numbers
     if len(avals) != 2:
         return False
     lhs, rhs = avals
@@ -70,7 +70,7 @@ def _is_cheap_large_product(avals, dimension_numbers) -> bool:
         if axis not in lhs_contract:
             output *= size
     for axis, size in enumerate(rhs.shape):
-        if axis not in rhs_contract and axis not in dimension_numbers[1][1]:
+        if axis not in rhs_contract and axis not in rhs_batch:
             output *= size
     return contraction <= SHORT_CONTRACTION and output >= LARGE_OUTPUT
 
