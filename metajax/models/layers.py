@@ -296,9 +296,9 @@ def _conv_input_grad(dz, kernel, x_shape, stride, padding):
     return checkpoint_name(dx, REMAT_SAVE_NAME)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _fused_conv_bn_relu(x, kernel, bias, scale, shift, stride, padding, eps):
-    return _fused_fwd(x, kernel, bias, scale, shift, stride, padding, eps)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _fused_conv_bn_relu(x, kernel, bias, scale, shift, stride, padding, eps, gram):
+    return _fused_fwd(x, kernel, bias, scale, shift, stride, padding, eps, gram)[0]
 
 
 def _gram_bn_on(kernel) -> bool:
@@ -307,17 +307,13 @@ def _gram_bn_on(kernel) -> bool:
     return FUSED_OPTIONS["gram_bn"] and 4 * kh * kw * cin <= cout
 
 
-def _fused_fwd(x, kernel, bias, scale, shift, stride, padding, eps):
-    if _gram_bn_on(kernel):
-        return _gram_fwd(x, kernel, bias, scale, shift, stride, padding, eps)
-    return _direct_fwd(x, kernel, bias, scale, shift, stride, padding, eps)
+def _fused_fwd(x, kernel, bias, scale, shift, stride, padding, eps, gram):
+    form = _gram_fwd if gram else _direct_fwd
+    return form(x, kernel, bias, scale, shift, stride, padding, eps)
 
 
-def _fused_bwd(stride, padding, eps, res, dy):
-    # The two forms keep different residuals: 8 for the covariance form, 7 for the direct one.
-    if len(res) == 8:
-        return _gram_bwd(stride, padding, eps, res, dy)
-    return _direct_bwd(stride, padding, eps, res, dy)
+def _fused_bwd(stride, padding, eps, gram, res, dy):
+    return (_gram_bwd if gram else _direct_bwd)(stride, padding, eps, res, dy)
 
 
 def _gram_fwd(x, kernel, bias, scale, shift, stride, padding, eps):
@@ -410,7 +406,8 @@ def _direct_bwd(stride, padding, eps, res, dy):
 
 
 _fused_conv_bn_relu.defvjp(
-    lambda x, k, b, s, t, stride, padding, eps: _fused_fwd(x, k, b, s, t, stride, padding, eps),
+    lambda x, k, b, s, t, stride, padding, eps, gram: _fused_fwd(x, k, b, s, t, stride, padding,
+                                                                 eps, gram),
     _fused_bwd)
 
 
@@ -439,7 +436,8 @@ def conv_bn_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Ar
                    impl="patches" if impl == "fused" else impl)
         return jax.nn.relu((y - mean) * lax.rsqrt(var + eps) * scale + shift)
     if impl == "fused":
-        return _fused_conv_bn_relu(x, kernel, bias, scale, shift, stride, padding, eps)
+        return _fused_conv_bn_relu(x, kernel, bias, scale, shift, stride, padding, eps,
+                                   _gram_bn_on(kernel))
     y = conv2d(x, kernel, bias, stride=stride, padding=padding, impl=impl)
     return jax.nn.relu(batch_norm(y, scale, shift, eps=eps))
 
