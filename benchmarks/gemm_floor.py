@@ -25,10 +25,10 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_step import add_step_arguments, compile_step  # noqa: E402
 
 _SHAPE = re.compile(r"^(\w+)\[([\d,]*)\](?:\{([\d,]*)\})?")
 _INSTRUCTION = re.compile(
@@ -197,26 +197,16 @@ def time_spec(spec, overhead_s: float, trials: int = 30, target_s: float = 2e-3)
 
 def op_counts(compiled, state, batch, names, steps: int) -> dict[str, float]:
     """How often each op in ``names`` runs per meta-step, from a profiler trace."""
-    import jax
-    from profile_step import trace_events
-    with tempfile.TemporaryDirectory(prefix="gemm_floor_") as trace_dir:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(steps):
-                state, _ = compiled(state, batch)
-            jax.block_until_ready(state)
-        events = trace_events(trace_dir)
-    counts: dict[str, float] = collections.Counter(
-        e["name"] for e in events if e.get("name") in names)
+    from profile_step import traced_events
+    counts = collections.Counter(e["name"] for e in traced_events(compiled, state, batch, steps)
+                                 if e.get("name") in names)
     return {name: c / steps for name, c in counts.items()}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="a", choices=["a", "b", "c", "d"])
-    parser.add_argument("--conv-impl", default="auto")
-    parser.add_argument("--task-map", default="auto")
-    parser.add_argument("--remat", default="auto")
+    add_step_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="meta-steps timed (median)")
     parser.add_argument("--reference-tasks-per-s", type=float,
                         help="a reference's tasks/s (e.g. learn2learn's) for the ratio the floor allows")
@@ -225,11 +215,7 @@ def main(argv=None):
 
     import jax
     import numpy as np
-    from maml_step import CONFIGS, build_step, make_batch, parse_task_map
-    cfg = CONFIGS[args.config]
-    step, state = build_step(cfg, args.conv_impl, parse_task_map(args.task_map), args.remat)
-    batch = make_batch(cfg, 0)
-    compiled = step.lower(state, batch).compile()
+    cfg, compiled, state, batch = compile_step(args)
     specs = dot_specs(compiled.as_text())
     for _ in range(2):
         state, _ = compiled(state, batch)

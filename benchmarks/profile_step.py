@@ -108,13 +108,38 @@ def busy_and_span_us(events: list[dict]) -> tuple[float, float]:
     return busy, intervals[-1][1] - intervals[0][0]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that pick the step (shared with ``gemm_floor.py``)."""
     parser.add_argument("--config", default="a", choices=["a", "b", "c", "d"])
     parser.add_argument("--conv-impl", default="auto")
     parser.add_argument("--task-map", default="auto")
     parser.add_argument("--remat", default="auto")
+
+
+def compile_step(args):
+    """``(config, compiled step, state, batch)`` for the flags of :func:`add_step_arguments`."""
+    from maml_step import CONFIGS, build_step, make_batch, parse_task_map
+    cfg = CONFIGS[args.config]
+    step, state = build_step(cfg, args.conv_impl, parse_task_map(args.task_map), args.remat)
+    batch = make_batch(cfg, 0)
+    return cfg, step.lower(state, batch).compile(), state, batch
+
+
+def traced_events(compiled, state, batch, steps: int) -> list[dict]:
+    """The op events of ``steps`` meta-steps run under ``jax.profiler.trace``."""
+    import jax
+    with tempfile.TemporaryDirectory(prefix="profile_step_") as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(steps):
+                state, _ = compiled(state, batch)
+            jax.block_until_ready(state)
+        return trace_events(trace_dir)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(parser)
     parser.add_argument("--steps", type=int, default=3, help="meta-steps traced")
     parser.add_argument("--top", type=int, default=25, help="slowest ops listed")
     parser.add_argument("--dump-hlo", metavar="PATH",
@@ -122,11 +147,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import jax
-    from maml_step import CONFIGS, build_step, make_batch, parse_task_map
-    cfg = CONFIGS[args.config]
-    step, state = build_step(cfg, args.conv_impl, parse_task_map(args.task_map), args.remat)
-    batch = make_batch(cfg, 0)
-    compiled = step.lower(state, batch).compile()
+    cfg, compiled, state, batch = compile_step(args)
     hlo_text = compiled.as_text()
     if args.dump_hlo:
         with open(args.dump_hlo, "w") as f:
@@ -135,12 +156,8 @@ def main(argv=None):
     for _ in range(2):
         state, _ = compiled(state, batch)
     jax.block_until_ready(state)
-    with tempfile.TemporaryDirectory(prefix="profile_step_") as trace_dir:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(args.steps):
-                state, _ = compiled(state, batch)
-            jax.block_until_ready(state)
-        events = [e for e in trace_events(trace_dir) if e.get("name") in categories]
+    events = [e for e in traced_events(compiled, state, batch, args.steps)
+              if e.get("name") in categories]
     totals: dict[str, float] = collections.defaultdict(float)
     for event in events:
         totals[event["name"]] += float(event["dur"])
