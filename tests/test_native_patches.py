@@ -78,6 +78,57 @@ def test_second_and_third_order_derivatives_match_xla(geometry):
                                    rtol=1e-10, atol=1e-10)
 
 
+def _weight_grad_reference(x, dz, geometry):
+    kh, kw = geometry[:2]
+    patches = extract_patches(x, *geometry)
+    return jnp.einsum("...k,...o->ko", patches, dz).reshape(kh, kw, x.shape[-1], dz.shape[-1])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("shape,geometry", GEOMETRIES + [((5, 14, 14, 64), (3, 3, 2, 1))])
+def test_conv_weight_grad_equals_the_patch_product_and_vmaps(shape, geometry, dtype):
+    """All tile paths: 64x64 (6x16 AVX2 blocks), 20 output channels (a 4-column edge), few
+    input channels (6-row blocks plus edge rows); several threads for the large shape."""
+    with jax.enable_x64(dtype == jnp.float64):
+        x = jax.random.normal(jax.random.key(0), shape, dtype)
+        out_hw = extract_patches(x, *geometry).shape[1:3]
+        cout = 64 if shape[-1] == 64 else 20
+        dz = jax.random.normal(jax.random.key(1), (shape[0],) + out_hw + (cout,), dtype)
+        tol = 1e-12 if dtype == jnp.float64 else 2e-5
+        ref = _weight_grad_reference(x, dz, geometry)
+        got = jax.jit(lambda x, dz: native_patches.conv_weight_grad(x, dz, *geometry))(x, dz)
+        assert got.shape == ref.shape and got.dtype == dtype
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * float(jnp.max(jnp.abs(ref))))
+        mapped = jax.vmap(lambda x, dz: native_patches.conv_weight_grad(x, dz, *geometry))(
+            jnp.stack([x, 2 * x]), jnp.stack([dz, -dz]))
+        np.testing.assert_allclose(mapped[1], -2 * ref, rtol=tol,
+                                   atol=2 * tol * float(jnp.max(jnp.abs(ref))))
+
+
+@needs_native
+def test_conv_weight_grad_derivatives_match_xla_to_third_order():
+    geometry = (3, 3, 2, 1)
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), (2, 7, 6, 9), jnp.float64)
+        dz = jax.random.normal(jax.random.key(1), (2, 4, 3, 5), jnp.float64)
+        probe = jax.random.normal(jax.random.key(2), (3, 3, 9, 5), jnp.float64)
+
+        def third(fn):
+            second = lambda x, dz: jax.grad(lambda x, dz: jnp.sum(
+                jax.grad(lambda x, dz: jnp.sum(jnp.sin(fn(x, dz)) * probe), (0, 1))(x, dz)[1]
+                ** 2), (0, 1))(x, dz)
+            return jax.grad(lambda x: jnp.sum(second(x, dz)[0] ** 2))(x), second(x, dz)
+
+        native = jax.jit(lambda: third(
+            lambda x, dz: native_patches.conv_weight_grad(x, dz, *geometry)))()
+        xla = third(lambda x, dz: _weight_grad_reference(x, dz, geometry))
+        for a, b in zip(jax.tree.leaves(native), jax.tree.leaves(xla)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+        with pytest.raises(ValueError, match="same leading"):
+            native_patches.conv_weight_grad(x, dz[:1], *geometry)
+
+
 @needs_native
 def test_fused_block_meta_gradient_is_the_same_with_and_without_native_kernels():
     """Second-order MAML through two fused blocks: native kernels on vs the XLA slices."""

@@ -75,8 +75,13 @@ CONV_IMPLS = ("lax", "patches", "fused", "auto")
 # single-channel first layer) take the batch statistics from the patches' K x K covariance
 # and fold batch norm into the kernel (_gram_fwd), so the wide conv output is never
 # normalised, reduced or stored on its own.
+# "native_weight_grad": the kernel gradient im2col(x)^T dz as native_patches.conv_weight_grad
+# (patch rows built in cache, no patch matrix; XLA:CPU's transposed-left GEMM is its slowest)
+# where the native kernels run and the input has at least WEIGHT_GRAD_MIN_CHANNELS channels.
 FUSED_OPTIONS = {"phase_dx": "auto", "materialize": False, "phase_col2im": True,
-                 "native_patches": True, "gram_bn": True}
+                 "native_patches": True, "gram_bn": True, "native_weight_grad": True}
+# Below this many input channels a patch row is many short copies and XLA's product is faster.
+WEIGHT_GRAD_MIN_CHANNELS = 8
 
 
 def resolve_conv_impl(impl: str = "auto", backend: Optional[str] = None) -> str:
@@ -296,6 +301,18 @@ def _conv_input_grad(dz, kernel, x_shape, stride, padding):
     return checkpoint_name(dx, REMAT_SAVE_NAME)
 
 
+def _conv_weight_grad(x, dz, kh, kw, stride, padding):
+    """``im2col(x)^T dz`` as a ``(kh, kw, C_in, C_out)`` kernel gradient."""
+    if (FUSED_OPTIONS["native_weight_grad"] and _native_patches_on(x)
+            and x.shape[-1] >= WEIGHT_GRAD_MIN_CHANNELS):
+        return native_patches.conv_weight_grad(x, dz, kh, kw, stride, padding)
+    patches = _fused_patches(x, kh, kw, stride, padding)
+    # One 2-D GEMM over the flattened rows (see _matmul_rows): contracting the 4-D (n, h, w)
+    # axes let XLA copy the whole patch matrix into another row order, 6-15% of a (a) step.
+    return lax.dot_general(patches.reshape(-1, patches.shape[-1]), dz.reshape(-1, dz.shape[-1]),
+                           (((0,), (0,)), ((), ()))).reshape(kh, kw, x.shape[-1], dz.shape[-1])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def _fused_conv_bn_relu(x, kernel, bias, scale, shift, stride, padding, eps, gram):
     return _fused_fwd(x, kernel, bias, scale, shift, stride, padding, eps, gram)[0]
@@ -396,11 +413,7 @@ def _direct_bwd(stride, padding, eps, res, dy):
     dscale = jnp.sum(dr * zhat, axis=axes)
     dz = (scale * rstd) * (dr - (dshift + zhat * dscale) / count)
     kh, kw, cin, cout = kernel.shape
-    patches = _fused_patches(x, kh, kw, stride, padding)
-    # One 2-D GEMM over the flattened rows (see _matmul_rows): contracting the 4-D (n, h, w)
-    # axes let XLA copy the whole patch matrix into another row order, 6-15% of a (a) step.
-    dkernel = lax.dot_general(patches.reshape(-1, patches.shape[-1]), dz.reshape(-1, cout),
-                              (((0,), (0,)), ((), ()))).reshape(kernel.shape)
+    dkernel = _conv_weight_grad(x, dz, kh, kw, stride, padding)
     dx = _conv_input_grad(dz, kernel, x.shape, stride, padding)
     return dx, dkernel, jnp.zeros_like(bias), dscale, dshift
 
