@@ -345,33 +345,23 @@ ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<D> image, ffi::Buffer<D>
 
 }  // namespace
 
-#define METAJAX_BIND(D)                                                                  \
-  ffi::Ffi::Bind()                                                                       \
-      .Ctx<ffi::ThreadPool>()                                                            \
-      .Arg<ffi::Buffer<D>>()                                                             \
+// A handler on XLA's thread pool with `args` buffers of type D, one result of D, and the window.
+#define METAJAX_BIND(D, args)                                                            \
+  args(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(), D)                                       \
       .Ret<ffi::Buffer<D>>()                                                             \
       .Attr<int64_t>("kh")                                                               \
       .Attr<int64_t>("kw")                                                               \
       .Attr<int64_t>("stride")                                                           \
       .Attr<int64_t>("pad")
+#define METAJAX_ONE_ARG(b, D) b.Arg<ffi::Buffer<D>>()
+#define METAJAX_TWO_ARGS(b, D) b.Arg<ffi::Buffer<D>>().Arg<ffi::Buffer<D>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MetajaxIm2colF32, (Run<ffi::F32, false>), METAJAX_BIND(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MetajaxIm2colF64, (Run<ffi::F64, false>), METAJAX_BIND(ffi::F64));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MetajaxCol2imF32, (Run<ffi::F32, true>), METAJAX_BIND(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MetajaxCol2imF64, (Run<ffi::F64, true>), METAJAX_BIND(ffi::F64));
-
-#define METAJAX_BIND_WEIGHT_GRAD(D)                                                      \
-  ffi::Ffi::Bind()                                                                       \
-      .Ctx<ffi::ThreadPool>()                                                            \
-      .Arg<ffi::Buffer<D>>()                                                             \
-      .Arg<ffi::Buffer<D>>()                                                             \
-      .Ret<ffi::Buffer<D>>()                                                             \
-      .Attr<int64_t>("kh")                                                               \
-      .Attr<int64_t>("kw")                                                               \
-      .Attr<int64_t>("stride")                                                           \
-      .Attr<int64_t>("pad")
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MetajaxIm2colF32, (Run<ffi::F32, false>), METAJAX_BIND(ffi::F32, METAJAX_ONE_ARG));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MetajaxIm2colF64, (Run<ffi::F64, false>), METAJAX_BIND(ffi::F64, METAJAX_ONE_ARG));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MetajaxCol2imF32, (Run<ffi::F32, true>), METAJAX_BIND(ffi::F32, METAJAX_ONE_ARG));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MetajaxCol2imF64, (Run<ffi::F64, true>), METAJAX_BIND(ffi::F64, METAJAX_ONE_ARG));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MetajaxConvWeightGradF32, WeightGrad<ffi::F32>,
-                              METAJAX_BIND_WEIGHT_GRAD(ffi::F32));
+                              METAJAX_BIND(ffi::F32, METAJAX_TWO_ARGS));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MetajaxConvWeightGradF64, WeightGrad<ffi::F64>,
-                              METAJAX_BIND_WEIGHT_GRAD(ffi::F64));
+                              METAJAX_BIND(ffi::F64, METAJAX_TWO_ARGS));
