@@ -8,9 +8,9 @@ meaningful. Each variant is ``conv_impl:task_map``:
              patches  im2col (strided slices + concat) + matmul (autodiff derivatives)
              fused    patches forward + hand-written conv/batch-norm/ReLU backward (custom_vjp)
   task_map   vmap | map | accumulate | <int chunk size>
-  options    optional third field for fused: +materialize / -phase_dx / -phase_col2im /
-             -native_patches / -gram_bn
-             (layers.FUSED_OPTIONS)
+  options    optional third field for fused: +NAME / -NAME switches a key of
+             layers.FUSED_OPTIONS on / off (materialize, phase_dx, phase_col2im,
+             native_patches, gram_bn, native_weight_grad, native_conv_vjp), joined by ":"
 
 Usage:
   python benchmarks/conv_paths.py                                  # config a, CPU candidates

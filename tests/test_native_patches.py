@@ -130,6 +130,49 @@ def test_conv_weight_grad_derivatives_match_xla_to_third_order():
 
 
 @needs_native
+@pytest.mark.parametrize("geometry", [(3, 3, 2, 1), (3, 3, 1, 1)])
+def test_conv_and_its_transpose_match_xla_to_third_order(geometry):
+    """The closed family conv / conv_input_grad / conv_weight_grad: values, and derivatives
+    in both the image and the kernel to third order, against XLA autodiff of the patch
+    product (float64)."""
+    kh, kw, stride, padding = geometry
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(0), 3)
+        x = jax.random.normal(keys[0], (2, 7, 6, 9), jnp.float64)
+        kernel = jax.random.normal(keys[1], (kh, kw, 9, 5), jnp.float64)
+        out_hw = extract_patches(x, *geometry).shape[1:3]
+        dz = jax.random.normal(keys[2], (2,) + out_hw + (5,), jnp.float64)
+
+        def reference_conv(x, k):
+            return extract_patches(x, *geometry) @ k.reshape(-1, k.shape[-1])
+
+        def reference_transpose(dz, k):
+            return jax.vjp(lambda x: reference_conv(x, k), x)[1](dz)[0]
+
+        def third(conv, transpose):
+            def loss(x, k, dz):  # both functions, nonlinearly mixed
+                return jnp.sum(jnp.sin(conv(x, k))) + jnp.sum(jnp.cos(transpose(dz, k)) * x)
+            second = lambda x, k: jax.grad(lambda x, k: jnp.sum(
+                jax.grad(loss, (0, 1))(x, k, dz)[1] ** 2), (0, 1))(x, k)
+            return (conv(x, kernel), transpose(dz, kernel), second(x, kernel),
+                    jax.grad(lambda k: jnp.sum(second(x, k)[1] ** 2))(kernel))
+
+        native = jax.jit(lambda: third(
+            lambda x, k: native_patches.conv(x, k, stride, padding),
+            lambda dz, k: native_patches.conv_input_grad(dz, k, x.shape[1:], stride, padding)))()
+        xla = third(reference_conv, reference_transpose)
+        for a, b in zip(jax.tree.leaves(native), jax.tree.leaves(xla)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+        mapped = jax.vmap(lambda x: native_patches.conv(x, kernel, stride, padding))(
+            jnp.stack([x, -x]))
+        np.testing.assert_allclose(mapped[1], -reference_conv(x, kernel), rtol=1e-12)
+        with pytest.raises(ValueError, match="C_in = 9"):
+            native_patches.conv(x, kernel[:, :, :4], stride, padding)
+        with pytest.raises(ValueError, match="output channels"):
+            native_patches.conv_input_grad(dz[..., :4], kernel, x.shape[1:], stride, padding)
+
+
+@needs_native
 def test_fused_block_meta_gradient_is_the_same_with_and_without_native_kernels():
     """Second-order MAML through two fused blocks: native kernels on vs the XLA slices."""
     with jax.enable_x64(True):
@@ -153,13 +196,17 @@ def test_fused_block_meta_gradient_is_the_same_with_and_without_native_kernels()
             return features(adapted, query)
 
         with_native = jax.jit(jax.grad(meta_loss))(params)
-        layers.FUSED_OPTIONS["native_patches"] = False
+        defaults = dict(layers.FUSED_OPTIONS)
         try:
+            layers.FUSED_OPTIONS["native_conv_vjp"] = True  # the whole native conv family
+            with_conv_family = jax.jit(jax.grad(meta_loss))(params)
+            layers.FUSED_OPTIONS["native_patches"] = False
             without = jax.jit(jax.grad(meta_loss))(params)
         finally:
-            layers.FUSED_OPTIONS["native_patches"] = True
+            layers.FUSED_OPTIONS.update(defaults)
         for name in params:
-            np.testing.assert_allclose(with_native[name], without[name], rtol=1e-9, atol=1e-12)
+            for got in (with_native, with_conv_family):
+                np.testing.assert_allclose(got[name], without[name], rtol=1e-9, atol=1e-12)
 
 
 @needs_native

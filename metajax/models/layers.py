@@ -78,8 +78,14 @@ CONV_IMPLS = ("lax", "patches", "fused", "auto")
 # "native_weight_grad": the kernel gradient im2col(x)^T dz as native_patches.conv_weight_grad
 # (patch rows built in cache, no patch matrix; XLA:CPU's transposed-left GEMM is its slowest)
 # where the native kernels run and the input has at least WEIGHT_GRAD_MIN_CHANNELS channels.
+# "native_conv_vjp": under the same conditions the forward product P W and the input gradient
+# col2im(dz W^T) are native_patches.conv / conv_input_grad, whose kernel cotangents (what
+# second-order MAML takes of them) are conv_weight_grad too instead of XLA's autodiff GEMMs.
+# Off: interleaved A/B on a 2-core Zen 2 showed no difference beyond the host's noise
+# ((a) 0.96-1.04x, (c) 0.92x, (d) 0.94-1.01x; same XLA temp memory), see README.
 FUSED_OPTIONS = {"phase_dx": "auto", "materialize": False, "phase_col2im": True,
-                 "native_patches": True, "gram_bn": True, "native_weight_grad": True}
+                 "native_patches": True, "gram_bn": True, "native_weight_grad": True,
+                 "native_conv_vjp": False}
 # Below this many input channels a patch row is many short copies and XLA's product is faster.
 WEIGHT_GRAD_MIN_CHANNELS = 8
 
@@ -248,8 +254,19 @@ def _fused_patches(x, kh, kw, stride, padding):
     return extract_patches(x, kh, kw, stride, padding)
 
 
+def _native_kernel_grads_on(x, option: str) -> bool:
+    """Whether the ``option`` of FUSED_OPTIONS sends a kernel gradient with input ``x`` (or
+    cotangent of the input) through ``native_patches.conv_weight_grad``."""
+    return (FUSED_OPTIONS[option] and _native_patches_on(x)
+            and x.shape[-1] >= WEIGHT_GRAD_MIN_CHANNELS)
+
+
 def _patch_matmul(x, kernel, stride, padding):
     kh, kw, cin, cout = kernel.shape
+    if _native_kernel_grads_on(x, "native_conv_vjp"):
+        # Named so remat="dots" keeps it as it keeps the plain product (a custom call
+        # output is not a dot to the policy).
+        return checkpoint_name(native_patches.conv(x, kernel, stride, padding), REMAT_SAVE_NAME)
     patches = _fused_patches(x, kh, kw, stride, padding)
     return _matmul_rows(patches, kernel.reshape(kh * kw * cin, cout))
 
@@ -269,6 +286,10 @@ def _conv_input_grad(dz, kernel, x_shape, stride, padding):
     """
     kh, kw, cin, cout = kernel.shape
     n, h, w, _ = x_shape
+    if (FUSED_OPTIONS["native_conv_vjp"] and _native_patches_on(dz)
+            and cin >= WEIGHT_GRAD_MIN_CHANNELS):
+        dx = native_patches.conv_input_grad(dz, kernel, x_shape[1:], stride, padding)
+        return checkpoint_name(dx, REMAT_SAVE_NAME)
     phase_dx = FUSED_OPTIONS["phase_dx"]
     if phase_dx == "auto":
         phase_dx = not _native_patches_on(dz)
@@ -303,8 +324,7 @@ def _conv_input_grad(dz, kernel, x_shape, stride, padding):
 
 def _conv_weight_grad(x, dz, kh, kw, stride, padding):
     """``im2col(x)^T dz`` as a ``(kh, kw, C_in, C_out)`` kernel gradient."""
-    if (FUSED_OPTIONS["native_weight_grad"] and _native_patches_on(x)
-            and x.shape[-1] >= WEIGHT_GRAD_MIN_CHANNELS):
+    if _native_kernel_grads_on(x, "native_weight_grad"):
         return native_patches.conv_weight_grad(x, dz, kh, kw, stride, padding)
     patches = _fused_patches(x, kh, kw, stride, padding)
     # One 2-D GEMM over the flattened rows (see _matmul_rows): contracting the 4-D (n, h, w)

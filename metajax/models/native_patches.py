@@ -33,6 +33,12 @@ bilinear, and its derivatives are a convolution and a transposed convolution (im
 and plain products), so it too is differentiable to any order; under ``vmap`` each mapped
 element gets its own kernel gradient.
 
+:func:`conv` (``im2col(x) @ W``) and :func:`conv_input_grad` (``col2im(dz @ W^T)``) close
+the family: the derivatives of each of the three are the other two, so a kernel cotangent
+taken at any order of differentiation is :func:`conv_weight_grad`, never XLA's transposed-left
+GEMM over a patch matrix (``layers.FUSED_OPTIONS["native_conv_vjp"]`` routes the fused block
+through them; off by default, as it measured no faster on the 2-core test host).
+
 Example:
   >>> import jax.numpy as jnp
   >>> from metajax.models import native_patches
@@ -220,9 +226,50 @@ def _weight_grad_ffi(x, dz, spec):
         pad=np.int64(spec[3]))
 
 
+def _rows_matmul(rows, w2d):
+    """``(..., K) @ (K, O)`` as one 2-D GEMM over the flattened rows."""
+    out = rows.reshape(-1, rows.shape[-1]) @ w2d
+    return out.reshape(rows.shape[:-1] + (w2d.shape[-1],))
+
+
+def _rows_matmul_t(rows, w2d):
+    """``(..., O) @ (K, O)^T``, kept a transposed-right product: ``remat="dots"`` recomputes
+    it rather than storing the ``kh*kw`` times larger patch cotangent."""
+    out = jax.lax.dot_general(rows.reshape(-1, rows.shape[-1]), w2d, (((1,), (1,)), ((), ())))
+    return out.reshape(rows.shape[:-1] + (w2d.shape[0],))
+
+
+# The convolution, its transpose and its kernel gradient are one closed family: each one's
+# derivatives are the other two (all bilinear), so every kernel cotangent, at any order of
+# differentiation, is the native kernel gradient rather than XLA's transposed-left GEMM
+# over a materialised patch matrix. Kernels are (kh*kw*C, O) matrices inside the family.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x, w2d, spec):
+    return _rows_matmul(_im2col(x, spec), w2d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_transpose(dz, w2d, spec):
+    return _col2im(_rows_matmul_t(dz, w2d), spec)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv_weight_grad(x, dz, spec):
     return _weight_grad_ffi(x, dz, spec)
+
+
+def _kernel_grad(x, dz, spec):
+    return _conv_weight_grad(x, dz, spec).reshape(-1, dz.shape[-1])
+
+
+def _conv_bwd(spec, res, dout):
+    x, w2d = res
+    return _conv_transpose(dout, w2d, spec), _kernel_grad(x, dout, spec)
+
+
+def _conv_transpose_bwd(spec, res, dimage):
+    dz, w2d = res
+    return _conv(dimage, w2d, spec), _kernel_grad(dimage, dz, spec)
 
 
 def _conv_weight_grad_bwd(spec, res, dkernel):
@@ -230,12 +277,52 @@ def _conv_weight_grad_bwd(spec, res, dkernel):
     # kernel cotangent, that of dz the convolution of x with it.
     x, dz = res
     w2d = dkernel.reshape(-1, dkernel.shape[-1])
-    dpatches = jax.lax.dot_general(dz, w2d, (((dz.ndim - 1,), (1,)), ((), ())))
-    return _col2im(dpatches, spec), _im2col(x, spec) @ w2d
+    return _conv_transpose(dz, w2d, spec), _conv(x, w2d, spec)
 
 
+_conv.defvjp(lambda x, w2d, spec: (_conv(x, w2d, spec), (x, w2d)), _conv_bwd)
+_conv_transpose.defvjp(lambda dz, w2d, spec: (_conv_transpose(dz, w2d, spec), (dz, w2d)),
+                       _conv_transpose_bwd)
 _conv_weight_grad.defvjp(lambda x, dz, spec: (_conv_weight_grad(x, dz, spec), (x, dz)),
                          _conv_weight_grad_bwd)
+
+
+def _conv_spec(kernel, image_hwc, out_hw, stride, padding, what):
+    if kernel.ndim != 4 or kernel.shape[2] != image_hwc[-1]:
+        raise ValueError(f"{what}: kernel {kernel.shape} must be (kh, kw, C_in, C_out) with "
+                         f"C_in = {image_hwc[-1]}, the image's channels.")
+    kh, kw = kernel.shape[:2]
+    _check_window(kh, kw, stride, padding, out_hw, what)
+    return (kh, kw, stride, padding, tuple(int(d) for d in image_hwc), tuple(out_hw))
+
+
+def conv(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0) -> jax.Array:
+    """Convolution ``im2col(x) @ kernel`` of ``x`` (``(..., H, W, C)``) with an HWIO
+    ``kernel``, symmetric ``padding``: ``(..., Ho, Wo, C_out)``.
+
+    Its kernel cotangent is :func:`conv_weight_grad` and its input cotangent
+    :func:`conv_input_grad`, whose own derivatives are again these three functions.
+    """
+    _check(x, "conv")
+    h, w, c = x.shape[-3:]
+    kh, kw = kernel.shape[:2]
+    out_hw = ((h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1)
+    spec = _conv_spec(kernel, (h, w, c), out_hw, stride, padding, "conv")
+    return _conv(x, kernel.reshape(-1, kernel.shape[-1]), spec)
+
+
+def conv_input_grad(dz: jax.Array, kernel: jax.Array, image_hwc: tuple[int, int, int],
+                    stride: int = 1, padding: int = 0) -> jax.Array:
+    """Input cotangent of :func:`conv` for images of shape ``(..., *image_hwc)`` given the
+    output cotangent ``dz`` (``(..., Ho, Wo, C_out)``): ``col2im(dz @ W^T)``, the
+    transposed convolution."""
+    _check(dz, "conv_input_grad")
+    if kernel.ndim != 4 or dz.shape[-1] != kernel.shape[-1]:
+        raise ValueError(f"conv_input_grad: dz {dz.shape} and kernel {kernel.shape} need the "
+                         "same number of output channels (dz's last dim, the kernel's last).")
+    spec = _conv_spec(kernel, tuple(image_hwc), tuple(dz.shape[-3:-1]), stride, padding,
+                      "conv_input_grad")
+    return _conv_transpose(dz, kernel.reshape(-1, kernel.shape[-1]), spec)
 
 
 def conv_weight_grad(x: jax.Array, dz: jax.Array, kh: int, kw: int, stride: int = 1,
