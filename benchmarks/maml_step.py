@@ -124,7 +124,8 @@ def run_child(spec: dict) -> dict:
     import jax
     import numpy as np
     from metajax.core.inner_loop import resolve_remat, resolve_unroll
-    from metajax.models import layers, native_patches
+    import jax.numpy as jnp
+    from metajax.models import layers
     from metajax.models.layers import resolve_conv_impl
     name = spec["config"]
     cfg = CONFIGS[name]
@@ -170,9 +171,8 @@ def run_child(spec: dict) -> dict:
         "config": dict(name=name, **cfg),
         "conv_impl": resolve_conv_impl(spec["conv_impl"]),
         # whether the fused block ran its im2col/col2im as the native C++ custom calls
-        "native_patches": bool(resolve_conv_impl(spec["conv_impl"]) == "fused"
-                               and layers.FUSED_OPTIONS["native_patches"]
-                               and native_patches.available()),
+        "native_patches": (resolve_conv_impl(spec["conv_impl"]) == "fused"
+                           and layers.native_kernels_active(jnp.float32)),
         "task_map": task_map,
         "remat": resolve_remat(spec.get("remat", "auto"), steps=cfg["inner_steps"],
                                first_order=cfg["first_order"]),

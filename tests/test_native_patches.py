@@ -282,3 +282,13 @@ def test_without_a_compiler_the_fused_block_warns_once_and_uses_xla(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0 and "FALLBACK_OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_native_kernels_active_follows_the_option_dtype_and_build():
+    assert layers.native_kernels_active(jnp.float32) == native_patches.available()
+    assert not layers.native_kernels_active(jnp.int32)
+    layers.FUSED_OPTIONS["native_patches"] = False
+    try:
+        assert not layers.native_kernels_active(jnp.float32)
+    finally:
+        layers.FUSED_OPTIONS["native_patches"] = True

@@ -238,10 +238,16 @@ _patches_3x3_stride2.defvjp(lambda x: (extract_patches(x, 3, 3, 2, 1), x.shape),
                             lambda x_shape, dpatches: (_col2im_3x3_stride2(dpatches, x_shape),))
 
 
+def native_kernels_active(dtype=jnp.float32) -> bool:
+    """Whether the fused block runs its im2col, col2im and kernel gradients as the native
+    custom calls of :mod:`metajax.models.native_patches` for arrays of ``dtype`` (CPU
+    backend, float32/64, ``FUSED_OPTIONS["native_patches"]`` on and the library built)."""
+    return bool(FUSED_OPTIONS["native_patches"] and jnp.dtype(dtype) in native_patches.DTYPES
+                and jax.default_backend() == "cpu" and native_patches.available())
+
+
 def _native_patches_on(x) -> bool:
-    """Whether the fused block's im2col and col2im run as native custom calls for ``x``."""
-    return (FUSED_OPTIONS["native_patches"] and x.dtype in native_patches.DTYPES
-            and jax.default_backend() == "cpu" and native_patches.available())
+    return native_kernels_active(x.dtype)
 
 
 def _fused_patches(x, kh, kw, stride, padding):
