@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
+from jax.typing import DTypeLike
 
 from metajax.core.remat import REMAT_SAVE_NAME
 from metajax.models import native_patches
@@ -81,7 +82,7 @@ CONV_IMPLS = ("lax", "patches", "fused", "auto")
 # "native_conv_vjp": under the same conditions the forward product P W and the input gradient
 # col2im(dz W^T) are native_patches.conv / conv_input_grad, whose kernel cotangents (what
 # second-order MAML takes of them) are conv_weight_grad too instead of XLA's autodiff GEMMs.
-# Off: interleaved A/B on a 2-core Zen 2 showed no difference beyond the host's noise
+# Off: interleaved A/B on a 2-core Zen 1 showed no difference beyond the host's noise
 # ((a) 0.96-1.04x, (c) 0.92x, (d) 0.94-1.01x; same XLA temp memory), see README.
 FUSED_OPTIONS = {"phase_dx": "auto", "materialize": False, "phase_col2im": True,
                  "native_patches": True, "gram_bn": True, "native_weight_grad": True,
@@ -238,7 +239,7 @@ _patches_3x3_stride2.defvjp(lambda x: (extract_patches(x, 3, 3, 2, 1), x.shape),
                             lambda x_shape, dpatches: (_col2im_3x3_stride2(dpatches, x_shape),))
 
 
-def native_kernels_active(dtype=jnp.float32) -> bool:
+def native_kernels_active(dtype: DTypeLike = jnp.float32) -> bool:
     """Whether the fused block runs its im2col, col2im and kernel gradients as the native
     custom calls of :mod:`metajax.models.native_patches` for arrays of ``dtype`` (CPU
     backend, float32/64, ``FUSED_OPTIONS["native_patches"]`` on and the library built)."""
@@ -260,16 +261,17 @@ def _fused_patches(x, kh, kw, stride, padding):
     return extract_patches(x, kh, kw, stride, padding)
 
 
-def _native_kernel_grads_on(x, option: str) -> bool:
-    """Whether the ``option`` of FUSED_OPTIONS sends a kernel gradient with input ``x`` (or
-    cotangent of the input) through ``native_patches.conv_weight_grad``."""
+def _native_kernel_grads_on(option: str, x, in_channels: int) -> bool:
+    """Whether the ``option`` of FUSED_OPTIONS sends a kernel gradient of a convolution with
+    ``in_channels`` input channels through ``native_patches.conv_weight_grad`` (``x``: an
+    array of the computation, for its dtype)."""
     return (FUSED_OPTIONS[option] and _native_patches_on(x)
-            and x.shape[-1] >= WEIGHT_GRAD_MIN_CHANNELS)
+            and in_channels >= WEIGHT_GRAD_MIN_CHANNELS)
 
 
 def _patch_matmul(x, kernel, stride, padding):
     kh, kw, cin, cout = kernel.shape
-    if _native_kernel_grads_on(x, "native_conv_vjp"):
+    if _native_kernel_grads_on("native_conv_vjp", x, cin):
         # Named so remat="dots" keeps it as it keeps the plain product (a custom call
         # output is not a dot to the policy).
         return checkpoint_name(native_patches.conv(x, kernel, stride, padding), REMAT_SAVE_NAME)
@@ -292,8 +294,7 @@ def _conv_input_grad(dz, kernel, x_shape, stride, padding):
     """
     kh, kw, cin, cout = kernel.shape
     n, h, w, _ = x_shape
-    if (FUSED_OPTIONS["native_conv_vjp"] and _native_patches_on(dz)
-            and cin >= WEIGHT_GRAD_MIN_CHANNELS):
+    if _native_kernel_grads_on("native_conv_vjp", dz, cin):
         dx = native_patches.conv_input_grad(dz, kernel, x_shape[1:], stride, padding)
         return checkpoint_name(dx, REMAT_SAVE_NAME)
     phase_dx = FUSED_OPTIONS["phase_dx"]
@@ -330,7 +331,7 @@ def _conv_input_grad(dz, kernel, x_shape, stride, padding):
 
 def _conv_weight_grad(x, dz, kh, kw, stride, padding):
     """``im2col(x)^T dz`` as a ``(kh, kw, C_in, C_out)`` kernel gradient."""
-    if _native_kernel_grads_on(x, "native_weight_grad"):
+    if _native_kernel_grads_on("native_weight_grad", x, x.shape[-1]):
         return native_patches.conv_weight_grad(x, dz, kh, kw, stride, padding)
     patches = _fused_patches(x, kh, kw, stride, padding)
     # One 2-D GEMM over the flattened rows (see _matmul_rows): contracting the 4-D (n, h, w)

@@ -287,10 +287,13 @@ _conv_weight_grad.defvjp(lambda x, dz, spec: (_conv_weight_grad(x, dz, spec), (x
                          _conv_weight_grad_bwd)
 
 
-def _conv_spec(kernel, image_hwc, out_hw, stride, padding, what):
-    if kernel.ndim != 4 or kernel.shape[2] != image_hwc[-1]:
+def _check_kernel(kernel, in_channels, what):
+    if kernel.ndim != 4 or kernel.shape[2] != in_channels:
         raise ValueError(f"{what}: kernel {kernel.shape} must be (kh, kw, C_in, C_out) with "
-                         f"C_in = {image_hwc[-1]}, the image's channels.")
+                         f"C_in = {in_channels}, the image's channels.")
+
+
+def _conv_spec(kernel, image_hwc, out_hw, stride, padding, what):
     kh, kw = kernel.shape[:2]
     _check_window(kh, kw, stride, padding, out_hw, what)
     return (kh, kw, stride, padding, tuple(int(d) for d in image_hwc), tuple(out_hw))
@@ -305,6 +308,7 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0) -> 
     """
     _check(x, "conv")
     h, w, c = x.shape[-3:]
+    _check_kernel(kernel, c, "conv")
     kh, kw = kernel.shape[:2]
     out_hw = ((h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1)
     spec = _conv_spec(kernel, (h, w, c), out_hw, stride, padding, "conv")
@@ -317,7 +321,8 @@ def conv_input_grad(dz: jax.Array, kernel: jax.Array, image_hwc: tuple[int, int,
     output cotangent ``dz`` (``(..., Ho, Wo, C_out)``): ``col2im(dz @ W^T)``, the
     transposed convolution."""
     _check(dz, "conv_input_grad")
-    if kernel.ndim != 4 or dz.shape[-1] != kernel.shape[-1]:
+    _check_kernel(kernel, tuple(image_hwc)[-1], "conv_input_grad")
+    if dz.shape[-1] != kernel.shape[-1]:
         raise ValueError(f"conv_input_grad: dz {dz.shape} and kernel {kernel.shape} need the "
                          "same number of output channels (dz's last dim, the kernel's last).")
     spec = _conv_spec(kernel, tuple(image_hwc), tuple(dz.shape[-3:-1]), stride, padding,
