@@ -129,15 +129,12 @@ def extract_patches(x: jax.Array, kh: int, kw: int, stride: int = 1, padding: in
     return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
 
 
-def _matmul_rows(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x @ w`` over the last axis of ``x`` as one 2-D GEMM over the flattened rows.
-
-    Written on 4-D arrays, the matmuls whose transposes contract the rows (the kernel
-    gradients, and their second-order counterparts) let XLA's layout assignment copy whole
-    activations into another row order; flat rows leave it nothing to reorder (config (a)
-    +9%, (d) +8-12% against the 4-D einsums, benchmarks/maml_step.py interleaved).
-    """
-    return (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[-1],))
+# ``x @ w`` over the last axis of ``x`` as one 2-D GEMM over the flattened rows. Written on
+# 4-D arrays, the matmuls whose transposes contract the rows (the kernel gradients, and their
+# second-order counterparts) let XLA's layout assignment copy whole activations into another
+# row order; flat rows leave it nothing to reorder (config (a) +9%, (d) +8-12% against the
+# 4-D einsums, benchmarks/maml_step.py interleaved). Shared with the native conv family.
+_matmul_rows = native_patches.rows_matmul
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None, *,
@@ -317,9 +314,7 @@ def _conv_input_grad(dz, kernel, x_shape, stride, padding):
         return _pixel_shuffle(phases, h, w)
     # dz @ W^T as a transposed-right-operand product: remat="dots" recomputes it rather than
     # storing the kh*kw times larger patch cotangent, and keeps the named col2im result.
-    w2d = kernel.reshape(kh * kw * cin, cout)
-    dpatches = lax.dot_general(dz.reshape(-1, cout), w2d, (((1,), (1,)), ((), ()))).reshape(
-        dz.shape[:-1] + (kh * kw * cin,))
+    dpatches = native_patches.rows_matmul_t(dz, kernel.reshape(kh * kw * cin, cout))
     if _native_patches_on(dpatches):
         dx = native_patches.col2im(dpatches, x_shape[1:], kh, kw, stride, padding)
     else:

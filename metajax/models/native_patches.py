@@ -226,13 +226,14 @@ def _weight_grad_ffi(x, dz, spec):
         pad=np.int64(spec[3]))
 
 
-def _rows_matmul(rows, w2d):
-    """``(..., K) @ (K, O)`` as one 2-D GEMM over the flattened rows."""
+def rows_matmul(rows: jax.Array, w2d: jax.Array) -> jax.Array:
+    """``(..., K) @ (K, O)`` as one 2-D GEMM over the flattened rows (see
+    ``layers._matmul_rows`` for why flat rows)."""
     out = rows.reshape(-1, rows.shape[-1]) @ w2d
     return out.reshape(rows.shape[:-1] + (w2d.shape[-1],))
 
 
-def _rows_matmul_t(rows, w2d):
+def rows_matmul_t(rows: jax.Array, w2d: jax.Array) -> jax.Array:
     """``(..., O) @ (K, O)^T``, kept a transposed-right product: ``remat="dots"`` recomputes
     it rather than storing the ``kh*kw`` times larger patch cotangent."""
     out = jax.lax.dot_general(rows.reshape(-1, rows.shape[-1]), w2d, (((1,), (1,)), ((), ())))
@@ -245,12 +246,12 @@ def _rows_matmul_t(rows, w2d):
 # over a materialised patch matrix. Kernels are (kh*kw*C, O) matrices inside the family.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x, w2d, spec):
-    return _rows_matmul(_im2col(x, spec), w2d)
+    return rows_matmul(_im2col(x, spec), w2d)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv_transpose(dz, w2d, spec):
-    return _col2im(_rows_matmul_t(dz, w2d), spec)
+    return _col2im(rows_matmul_t(dz, w2d), spec)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
