@@ -27,6 +27,7 @@ Usage:
   python benchmarks/maml_step.py                     # configs a-d, defaults (conv_impl auto)
   python benchmarks/maml_step.py --configs a --json  # one JSON object per config
   python benchmarks/maml_step.py --conv-impl patches --task-map map
+  python benchmarks/maml_step.py --low-memory-compile  # mj.low_memory_compile_options()
   python benchmarks/maml_step.py --configs a --child '{"config": "a", ...}'  # internal
 """
 
@@ -96,8 +97,9 @@ def parse_task_map(value: str):
     return resolve_task_map(value)
 
 
-def build_step(cfg: dict, conv_impl: str, task_map, remat="auto", unroll=1):
-    """``(train_step, state)`` for one configuration."""
+def build_step(cfg: dict, conv_impl: str, task_map, remat="auto", unroll=1,
+               compiler_options=None):
+    """``(train_step, state)`` for one configuration (``compiler_options``: XLA's, for the step)."""
     import jax
     import optax
     import metajax as mj
@@ -111,7 +113,7 @@ def build_step(cfg: dict, conv_impl: str, task_map, remat="auto", unroll=1):
                    metric_fns={"accuracy": mj.accuracy}, task_map=task_map)
     optimizer = optax.adam(1e-3)
     state = mj.create_train_state(maml.init(params), optimizer, jax.random.key(1))
-    return mj.make_train_step(maml.meta_loss, optimizer), state
+    return mj.make_train_step(maml.meta_loss, optimizer, compiler_options=compiler_options), state
 
 
 def _flops(cost) -> float:
@@ -134,8 +136,10 @@ def run_child(spec: dict) -> dict:
         enable_compilation_cache(spec["cache_dir"], min_compile_time_s=0.0)
     rss_imports = _peak_rss_mb()
     task_map = parse_task_map(spec["task_map"])
+    import metajax as mj
+    options = mj.low_memory_compile_options() if spec.get("low_memory_compile") else None
     step, state = build_step(cfg, spec["conv_impl"], task_map, spec.get("remat", "auto"),
-                             spec.get("unroll", 1))
+                             spec.get("unroll", 1), compiler_options=options)
     batches = [make_batch(cfg, seed) for seed in range(4)]
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
@@ -177,6 +181,7 @@ def run_child(spec: dict) -> dict:
         "remat": resolve_remat(spec.get("remat", "auto"), steps=cfg["inner_steps"],
                                first_order=cfg["first_order"]),
         "unroll": resolve_unroll(spec.get("unroll", 1), steps=cfg["inner_steps"]),
+        "compiler_options": options or {},
         "tasks_per_s": cfg["meta_batch"] / sec,
         "seconds_per_step": sec,
         "seconds_min": float(np.min(times)),
@@ -224,6 +229,9 @@ def main(argv=None):
                         help="what the second-order pass keeps of each inner step (InnerLoop.remat)")
     parser.add_argument("--unroll", default="1",
                         help="inner steps per scan iteration (InnerLoop.unroll): all or an int")
+    parser.add_argument("--low-memory-compile", action="store_true",
+                        help="compile with mj.low_memory_compile_options() (lower compile-time "
+                        "peak memory, slower element-wise kernels)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0,
@@ -250,7 +258,7 @@ def main(argv=None):
         spec = dict(config=name, conv_impl=args.conv_impl, task_map=args.task_map,
                     remat=args.remat, steps=args.steps, warmup=args.warmup,
                     unroll=parse_unroll(args.unroll),
-                    peak=not args.no_peak)
+                    peak=not args.no_peak, low_memory_compile=args.low_memory_compile)
         if args.no_warm_cache:
             res = _run_child_process(spec, env)
         else:
@@ -271,7 +279,8 @@ def main(argv=None):
             print(f"({name}) {c['ways']}-way {c['shots']}-shot {c['query']}q k={c['inner_steps']} "
                   f"T={c['meta_batch']} {'1st' if c['first_order'] else '2nd'} order "
                   f"[{res['conv_impl']}{' + native im2col' if res['native_patches'] else ''}, "
-                  f"{res['task_map']}, remat {res['remat']}, unroll {res['unroll']}]: "
+                  f"{res['task_map']}, remat {res['remat']}, unroll {res['unroll']}"
+                  f"{', low-memory compile' if res['compiler_options'] else ''}]: "
                   f"{res['tasks_per_s']:.1f} tasks/s, {res['seconds_per_step']:.3f} s/step "
                   f"(min {res['seconds_min']:.3f}), compile {res['compile_s']:.1f} s, "
                   f"peak RSS {res['peak_rss_mb']:.0f} MiB, {cached}"

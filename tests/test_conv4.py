@@ -165,6 +165,26 @@ def test_other_paths_meta_gradient_matches_lax_vmap():
         assert _max_diff(got, ref) <= 1e-3 * scale, (impl, task_map, _max_diff(got, ref), scale)
 
 
+def test_low_memory_compile_gives_the_same_conv4_meta_step():
+    """mj.low_memory_compile_options() (XLA:CPU's older fusion emitters) on the fused Conv4
+    with batch norm: the same second-order meta-step to float32 rounding."""
+    import optax
+    apply_fn, params = init_conv4(Conv4(ways=3, hidden=8), jax.random.key(8), (12, 12, 1))
+    batch = _batch(jax.random.key(9), tasks=2, ways=3, shots=1, query=2, size=12)
+    maml = mj.MAML(apply_fn, mj.cross_entropy, inner=mj.InnerLoop(2, 0.4))
+    optimizer = optax.sgd(1.0)  # the update is the meta-gradient itself
+    state = mj.create_train_state(maml.init(params), optimizer, jax.random.key(10))
+
+    def step(options):
+        return mj.make_train_step(maml.meta_loss, optimizer, donate=False,
+                                  compiler_options=options)(state, batch)[0].params
+
+    want = step(None)
+    got = step(mj.low_memory_compile_options())
+    change = jax.tree_util.tree_map(lambda w, p: w - p, want, state.params)
+    assert _max_diff(got, want) <= 1e-4 * _max_abs(change), (_max_diff(got, want), _max_abs(change))
+
+
 def test_resolve_remat_and_bad_values():
     assert mj.core.resolve_remat(True, steps=2, first_order=False) == "full"
     assert mj.core.resolve_remat(False, steps=2, first_order=False) == "none"

@@ -167,6 +167,31 @@ def test_train_step_matches_unfused_loop():
     chex.assert_trees_all_close(fused.params, s.params, rtol=1e-5, atol=1e-6)
 
 
+def test_compiler_options_reach_xla_and_low_memory_options_keep_the_result():
+    """make_train_step / make_train_loop / make_eval_step hand compiler_options to XLA (an
+    unknown option is XLA's error), and low_memory_compile_options() changes no result
+    beyond float32 rounding."""
+    maml, optimizer, state, sample = _train_setup()
+    batch = sample(jax.random.key(0))
+    bogus = {"xla_no_such_option": True}
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        mj.make_train_step(maml.meta_loss, optimizer, donate=False, compiler_options=bogus)(
+            state, batch)
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        mj.make_train_loop(maml.meta_loss, optimizer, sample, 2, donate=False,
+                           compiler_options=bogus)(state)
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        mj.make_eval_step(maml.evaluate, compiler_options=bogus)(state.params, batch)
+    low = mj.low_memory_compile_options()
+    assert low == ({"xla_cpu_use_fusion_emitters": False} if jax.default_backend() == "cpu"
+                   else {})
+    want, want_metrics = mj.make_train_step(maml.meta_loss, optimizer, donate=False)(state, batch)
+    got, got_metrics = mj.make_train_step(maml.meta_loss, optimizer, donate=False,
+                                          compiler_options=low)(state, batch)
+    chex.assert_trees_all_close(got.params, want.params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_metrics["loss"], want_metrics["loss"], rtol=1e-5)
+
+
 def _good_batch(tasks=2, ns=3, nq=4):
     return mj.TaskBatch(jnp.zeros((tasks, ns, 1)), jnp.zeros((tasks, ns, 1)),
                         jnp.zeros((tasks, nq, 1)), jnp.zeros((tasks, nq, 1)))

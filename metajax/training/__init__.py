@@ -1,7 +1,7 @@
 """Train state and jit-compiled meta-training / evaluation steps."""
 
-from metajax.training.steps import (make_eval_step, make_train_loop, make_train_step,
-                                    mean_and_ci95, meta_update)
+from metajax.training.steps import (low_memory_compile_options, make_eval_step, make_train_loop,
+                                    make_train_step, mean_and_ci95, meta_update)
 from metajax.training.train_state import TrainState, create_train_state
 from metajax.training.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointWarning, Restored
 from metajax.training.guards import NonFiniteError, skip_nonfinite, skipped_updates

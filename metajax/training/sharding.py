@@ -154,7 +154,8 @@ def constrain_tasks(batch: PyTree, mesh: Mesh) -> PyTree:
 
 
 def make_train_step(meta_loss: steps.MetaLoss, optimizer: optax.GradientTransformation, *,
-                    mesh: Optional[Mesh] = None, donate: bool = True
+                    mesh: Optional[Mesh] = None, donate: bool = True,
+                    compiler_options: Optional[dict] = None
                     ) -> Callable[[TrainState, TaskBatch], tuple[TrainState, dict]]:
     """:func:`metajax.make_train_step`, with the task axis sharded over ``mesh`` when given.
 
@@ -163,11 +164,13 @@ def make_train_step(meta_loss: steps.MetaLoss, optimizer: optax.GradientTransfor
     state and metrics. Without ``mesh`` it is exactly :func:`metajax.make_train_step`.
     """
     if mesh is None:
-        return steps.make_train_step(meta_loss, optimizer, donate=donate)
+        return steps.make_train_step(meta_loss, optimizer, donate=donate,
+                                     compiler_options=compiler_options)
     inner = steps.make_train_step(meta_loss, optimizer, donate=False)
     compiled = jax.jit(inner, in_shardings=(replicated(mesh), task_sharded(mesh)),
                        out_shardings=(replicated(mesh), replicated(mesh)),
-                       donate_argnums=(0,) if donate else ())
+                       donate_argnums=(0,) if donate else (),
+                       compiler_options=compiler_options or None)
 
     def step(state: TrainState, batch: TaskBatch) -> tuple[TrainState, dict]:
         return compiled(replicate(state, mesh), shard_tasks(batch, mesh))
@@ -177,7 +180,8 @@ def make_train_step(meta_loss: steps.MetaLoss, optimizer: optax.GradientTransfor
 
 def make_train_loop(meta_loss: steps.MetaLoss, optimizer: optax.GradientTransformation,
                     sample_tasks: steps.TaskSampler, steps_per_call: int, *,
-                    mesh: Optional[Mesh] = None, donate: bool = True
+                    mesh: Optional[Mesh] = None, donate: bool = True,
+                    compiler_options: Optional[dict] = None
                     ) -> Callable[[TrainState], tuple[TrainState, dict]]:
     """:func:`metajax.make_train_loop`, with each sampled meta-batch sharded over ``mesh``.
 
@@ -188,7 +192,7 @@ def make_train_loop(meta_loss: steps.MetaLoss, optimizer: optax.GradientTransfor
     """
     if mesh is None:
         return steps.make_train_loop(meta_loss, optimizer, sample_tasks, steps_per_call,
-                                     donate=donate)
+                                     donate=donate, compiler_options=compiler_options)
 
     def sharded_sample(key: jax.Array) -> TaskBatch:
         return constrain_tasks(sample_tasks(key), mesh)
@@ -197,7 +201,8 @@ def make_train_loop(meta_loss: steps.MetaLoss, optimizer: optax.GradientTransfor
                                   donate=False)
     compiled = jax.jit(inner, in_shardings=(replicated(mesh),),
                        out_shardings=(replicated(mesh), replicated(mesh)),
-                       donate_argnums=(0,) if donate else ())
+                       donate_argnums=(0,) if donate else (),
+                       compiler_options=compiler_options or None)
 
     def loop(state: TrainState) -> tuple[TrainState, dict]:
         return compiled(replicate(state, mesh))

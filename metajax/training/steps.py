@@ -21,7 +21,7 @@ notebook can call them in a loop:
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -64,28 +64,53 @@ def meta_update(state: TrainState, batch: TaskBatch, *, meta_loss: MetaLoss,
     return new_state, metrics
 
 
+def low_memory_compile_options(backend: Optional[str] = None) -> dict[str, Any]:
+    """XLA compile options that trade some step speed for a much lower compile-time peak.
+
+    For the ``compiler_options`` of :func:`make_train_step`, :func:`make_train_loop` and
+    :func:`make_eval_step`. On CPU they switch off XLA's MLIR fusion emitters, whose
+    compile of a Conv4 MAML step holds about 200 MiB more at its peak; the element-wise
+    and reduction kernels XLA's older emitters produce instead run somewhat slower
+    (measured with ``benchmarks/maml_step.py --low-memory-compile``, see README "Memory").
+    Other backends get ``{}`` (no change). ``backend`` defaults to ``jax.default_backend()``.
+
+      >>> import metajax as mj
+      >>> mj.low_memory_compile_options("cpu")
+      {'xla_cpu_use_fusion_emitters': False}
+      >>> mj.low_memory_compile_options("gpu")
+      {}
+    """
+    backend = backend or jax.default_backend()
+    return {"xla_cpu_use_fusion_emitters": False} if backend == "cpu" else {}
+
+
 def make_train_step(meta_loss: MetaLoss, optimizer: optax.GradientTransformation, *,
-                    donate: bool = True) -> Callable[[TrainState, TaskBatch], tuple[TrainState, dict]]:
+                    donate: bool = True, compiler_options: Optional[dict[str, Any]] = None
+                    ) -> Callable[[TrainState, TaskBatch], tuple[TrainState, dict]]:
     """A jit-compiled ``(state, batch) -> (state, metrics)`` meta-training step.
 
     The input state's buffers are donated (``donate=True``): do not reuse a state after
-    passing it in.
+    passing it in. ``compiler_options`` go to ``jax.jit`` (XLA debug options for this
+    executable only, e.g. :func:`low_memory_compile_options`).
     """
     def step(state, batch):
         return meta_update(state, batch, meta_loss=meta_loss, optimizer=optimizer)
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return jax.jit(step, donate_argnums=(0,) if donate else (),
+                   compiler_options=compiler_options or None)
 
 
 def make_train_loop(meta_loss: MetaLoss, optimizer: optax.GradientTransformation,
                     sample_tasks: TaskSampler, steps_per_call: int, *,
-                    donate: bool = True) -> Callable[[TrainState], tuple[TrainState, dict]]:
+                    donate: bool = True, compiler_options: Optional[dict[str, Any]] = None
+                    ) -> Callable[[TrainState], tuple[TrainState, dict]]:
     """``steps_per_call`` meta-steps fused into one compiled call (``lax.scan`` over steps).
 
     Tasks are sampled on device from ``sample_tasks(key)`` with a key split off
     ``state.rng``, so the run is deterministic given the initial state. For small models
     the per-call dispatch dominates; fusing many steps removes it. Metrics come back
-    stacked with a leading ``steps_per_call`` axis.
+    stacked with a leading ``steps_per_call`` axis. ``compiler_options``: as in
+    :func:`make_train_step`.
     """
     if not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be a positive int, got {steps_per_call!r}.")
@@ -99,15 +124,19 @@ def make_train_loop(meta_loss: MetaLoss, optimizer: optax.GradientTransformation
     def loop(state):
         return jax.lax.scan(one, state, None, length=steps_per_call)
 
-    return jax.jit(loop, donate_argnums=(0,) if donate else ())
+    return jax.jit(loop, donate_argnums=(0,) if donate else (),
+                   compiler_options=compiler_options or None)
 
 
-def make_eval_step(evaluate: Callable[[PyTree, TaskBatch], dict]) -> Callable[[PyTree, TaskBatch], dict]:
+def make_eval_step(evaluate: Callable[[PyTree, TaskBatch], dict], *,
+                   compiler_options: Optional[dict[str, Any]] = None
+                   ) -> Callable[[PyTree, TaskBatch], dict]:
     """Jit-compiles an algorithm's ``evaluate(params, batch)`` (e.g. ``maml.evaluate``).
 
     Returns per-task arrays ``(tasks, steps + 1)``; see :func:`mean_and_ci95`.
+    ``compiler_options``: as in :func:`make_train_step`.
     """
-    return jax.jit(evaluate)
+    return jax.jit(evaluate, compiler_options=compiler_options or None)
 
 
 def mean_and_ci95(values) -> tuple[float, float]:
