@@ -52,8 +52,9 @@ def test_omniglot_experiment_trains_checkpoints_and_resumes(tmp_path, omniglot_r
               "--eval-tasks", "20", "--eval-batch", "10", "--val-tasks", "10", "--eval-every", "2",
               "--checkpoint-every", "2", "--split", "lake", "--data-dir", str(omniglot_root),
               "--cache-dir", str(omniglot_cache_dir), "--out", str(out), "--no-progress",
-              "--no-tensorboard"]
+              "--no-tensorboard", "--low-memory-compile"]  # the other runs use XLA's defaults
     first = omniglot.main(common + ["--iterations", "2"])
+    assert first["config"]["low_memory_compile"] is True
     assert first["training"]["iterations_done"] == 2
     resumed = omniglot.main(common + ["--iterations", "4", "--resume"])
     assert resumed["training"]["resumed_from"] == 2

@@ -139,15 +139,17 @@ def run_fused_training(train_loop: Callable[[TrainState], tuple[TrainState, dict
 
 def evaluate_many(evaluate: Callable[[PyTree, TaskBatch], dict], params: PyTree,
                   sample_tasks: Callable[[jax.Array], TaskBatch], key: jax.Array,
-                  num_tasks: int, batch_size: int) -> dict:
-    """Runs a jitted per-task ``evaluate`` over ``num_tasks`` fresh tasks.
+                  num_tasks: int, batch_size: int,
+                  compiler_options: Optional[dict] = None) -> dict:
+    """Runs a per-task ``evaluate``, jitted here, over ``num_tasks`` fresh tasks.
 
     ``num_tasks`` must be a multiple of ``batch_size``. Returns numpy arrays of shape
-    ``(num_tasks, steps + 1)`` per metric.
+    ``(num_tasks, steps + 1)`` per metric. ``compiler_options`` go to ``jax.jit`` (then
+    ``evaluate`` must not be jitted already: JAX takes them only at the top level).
     """
     if num_tasks % batch_size:
         raise ValueError(f"num_tasks={num_tasks} is not a multiple of batch_size={batch_size}.")
-    evaluate = jax.jit(evaluate)
+    evaluate = jax.jit(evaluate, compiler_options=compiler_options or None)
     chunks = []
     for k in jax.random.split(key, num_tasks // batch_size):
         chunks.append(jax.device_get(evaluate(params, sample_tasks(k))))
