@@ -67,11 +67,12 @@ def meta_update(state: TrainState, batch: TaskBatch, *, meta_loss: MetaLoss,
 def low_memory_compile_options(backend: Optional[str] = None) -> dict[str, Any]:
     """XLA compile options that trade some step speed for a much lower compile-time peak.
 
-    For the ``compiler_options`` of :func:`make_train_step`, :func:`make_train_loop` and
-    :func:`make_eval_step`. On CPU they switch off XLA's MLIR fusion emitters, whose
-    compile of a Conv4 MAML step holds about 200 MiB more at its peak; the element-wise
-    and reduction kernels XLA's older emitters produce instead run somewhat slower
-    (measured with ``benchmarks/maml_step.py --low-memory-compile``, see README "Memory").
+    For the ``compiler_options`` of :func:`make_train_step`, :func:`make_train_loop`,
+    :func:`make_eval_step` and ``runner.evaluate_many``. On CPU they switch off XLA's MLIR
+    fusion emitters, whose compile of a Conv4 MAML step holds about 200 MiB more at its
+    peak; the element-wise and reduction kernels XLA's older emitters produce instead run
+    somewhat slower (about 8-9% on the Conv4 step; ``benchmarks/maml_step.py
+    --low-memory-compile``, README "Compile-time memory").
     Other backends get ``{}`` (no change). ``backend`` defaults to ``jax.default_backend()``.
 
       >>> import metajax as mj
