@@ -19,7 +19,8 @@ import optax
 import pytest
 
 import metajax as mj
-from metajax.training.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointWarning
+from metajax.training.checkpoint import (MANIFESTS, Checkpointer, CheckpointMismatchError,
+                                         CheckpointWarning)
 from metajax.training.guards import NonFiniteError, skip_nonfinite, skipped_updates
 from metajax.training.runner import run_fused_training
 
@@ -109,11 +110,25 @@ def _small_state(step: int):
     return state.replace(step=jnp.asarray(step, jnp.int32), rng=jax.random.fold_in(state.rng, step))
 
 
-@pytest.mark.parametrize("damage", ["flip_bytes", "delete_data", "delete_metadata"])
-def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, damage):
+# With file manifests the damage is found before orbax reads the arrays, so no orbax read
+# fails asynchronously ("Event loop is closed" on stderr, an unraisable exception here).
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage, found_as", [
+    ("flip_bytes", "changed after the checkpoint was saved"),
+    ("delete_data", "of the checkpoint is missing"),
+    ("delete_metadata", "meta/metadata of the checkpoint is missing"),
+    # A checkpoint without a manifest (older metajax): orbax's read or the digest finds it.
+    pytest.param("flip_bytes_no_manifest", "", marks=pytest.mark.filterwarnings(
+        "ignore::pytest.PytestUnraisableExceptionWarning")),
+])
+def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, damage, found_as):
     ckpt = Checkpointer(str(tmp_path), max_to_keep=5)
     for step in (1, 2, 3):
         ckpt.save(_small_state(step), config={"step_was": step})
+    assert sorted(p.name for p in (tmp_path / MANIFESTS).iterdir()) == ["1.json", "2.json", "3.json"]
+    if damage.endswith("_no_manifest"):
+        (tmp_path / MANIFESTS / "3.json").unlink()
+        damage = damage[:-len("_no_manifest")]
     latest = tmp_path / "3"
     data = sorted(p for p in latest.rglob("*") if p.is_file() and p.parent.name == "d")
     assert data, list(latest.rglob("*"))
@@ -131,14 +146,16 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, damage):
     # A partial save (killed before orbax renamed its temporary directory) is ignored too.
     (tmp_path / "4.orbax-checkpoint-tmp-1").mkdir()
     fresh = Checkpointer(str(tmp_path), max_to_keep=5)
-    with pytest.warns(CheckpointWarning, match="previous checkpoint"):
+    with pytest.warns(CheckpointWarning, match=f"{found_as}.*previous checkpoint"):
         restored = fresh.restore(_small_state(0))
     assert restored.step == 2 and restored.config == {"step_was": 2}
     expected = _small_state(2)
     np.testing.assert_array_equal(restored.state.params["w"], expected.params["w"])
     assert jnp.array_equal(jax.random.key_data(restored.state.rng), jax.random.key_data(expected.rng))
     assert (tmp_path / "corrupt-3").is_dir() and fresh.all_steps() == [1, 2]
+    assert not (tmp_path / MANIFESTS / "3.json").exists()  # went with the quarantined step
     assert fresh.save(_small_state(3)) and fresh.all_steps() == [1, 2, 3]  # step 3 can be rewritten
+    assert (tmp_path / MANIFESTS / "3.json").exists()
 
 
 def test_checkpoint_of_another_structure_is_an_error_not_damage(tmp_path):
@@ -150,7 +167,7 @@ def test_checkpoint_of_another_structure_is_an_error_not_damage(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="intact but does not fit"):
         Checkpointer(str(tmp_path), max_to_keep=5).restore(other)
     # Nothing was moved aside: the right template still restores the newest checkpoint.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFESTS, "1", "2"]
     assert Checkpointer(str(tmp_path), max_to_keep=5).restore(_small_state(0)).step == 2
 
 
@@ -159,6 +176,7 @@ def test_keeps_last_n(tmp_path):
     for step in range(5):
         ckpt.save(_small_state(step))
     assert ckpt.all_steps() == [3, 4]
+    assert sorted(p.name for p in (tmp_path / MANIFESTS).iterdir()) == ["3.json", "4.json"]
     assert Checkpointer(str(tmp_path / "empty")).restore(_small_state(0)) is None
 
 

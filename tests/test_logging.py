@@ -89,7 +89,8 @@ def test_sinusoid_logs_checkpoints_and_resumes_exactly(tmp_path):
              "--eval-tasks", "100", "--pretrain-lrs", "0.01", "--no-progress"]
     first = sinusoid.main(flags + ["--out", str(tmp_path / "a")])
     for phase in ("maml", "pretrain"):
-        assert sorted(os.listdir(tmp_path / "a" / "checkpoints" / phase)) == ["20", "40"]
+        assert sorted(os.listdir(tmp_path / "a" / "checkpoints" / phase)) == [
+            ".metajax-manifests", "20", "40"]
         assert [r["step"] for r in read_jsonl(str(tmp_path / "a" / phase / "metrics.jsonl"))] == [20, 40]
         assert glob.glob(str(tmp_path / "a" / phase / "tb" / "events.out.tfevents.*"))
     # As if killed after step 20: drop the last checkpoints, then --resume.

@@ -11,7 +11,10 @@ so a run killed mid-save leaves no half-written checkpoint behind, only a
 temporary directory that is ignored (and cleaned up). A finalized checkpoint that
 is later damaged (a truncated or missing file, flipped bits) fails to restore or
 fails its digest check; :meth:`Checkpointer.restore` then warns, moves it aside
-(``corrupt-<step>``) and falls back to the previous good one.
+(``corrupt-<step>``) and falls back to the previous good one. Each finalized checkpoint's
+files are also recorded with their SHA-256 in ``.metajax-manifests/<step>.json``, so damage
+to them is found before orbax reads anything (orbax's asynchronous reads of a damaged
+checkpoint otherwise end in "Event loop is closed" noise on stderr).
 
 Example:
   >>> import tempfile, jax, jax.numpy as jnp, optax
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import warnings
@@ -44,6 +48,7 @@ from metajax.training.train_state import TrainState
 
 PyTree = Any
 log = logging.getLogger(__name__)
+MANIFESTS = ".metajax-manifests"  # per-step file digests, beside the step directories
 
 
 class CheckpointMismatchError(ValueError):
@@ -109,6 +114,20 @@ def tree_digest(tree: PyTree) -> Optional[str]:
     return h.hexdigest()
 
 
+def file_digests(directory: str) -> dict[str, str]:
+    """``{path relative to directory: SHA-256 of its bytes}`` for every file under it."""
+    digests = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            digests[os.path.relpath(path, directory)] = h.hexdigest()
+    return digests
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
     """A restored checkpoint: the state, its step and the config saved with it."""
@@ -168,15 +187,57 @@ class Checkpointer:
         tree = state_to_tree(state)
         meta = {"step": step, "key_impl": key_impl_name(state), "digest": tree_digest(tree),
                 "config": config, "extra": extra or {}}
+        self._record_files()  # a previous asynchronous save finalized since
         saved = self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
         if not self.async_save:
             self._manager.wait_until_finished()
+            self._record_files()
         return bool(saved)
 
     def wait(self) -> None:
         """Blocks until a pending asynchronous save is finalized."""
         self._manager.wait_until_finished()
+        self._record_files()
+
+    # --- file manifests --------------------------------------------------------------------
+    def _manifest(self, step: int) -> str:
+        return os.path.join(self.directory, MANIFESTS, f"{step}.json")
+
+    def _record_files(self) -> None:
+        """Writes the file digests of finalized checkpoints that have none yet, and drops
+        those of checkpoints orbax has deleted (``max_to_keep``)."""
+        if jax.process_index() != 0:
+            return
+        from metajax.training.config import write_json_atomic
+
+        steps = set(self._manager.all_steps())
+        folder = os.path.join(self.directory, MANIFESTS)
+        os.makedirs(folder, exist_ok=True)
+        for s in steps:
+            if not os.path.exists(self._manifest(s)):
+                write_json_atomic(self._manifest(s),
+                                  file_digests(os.path.join(self.directory, str(s))))
+        for name in os.listdir(folder):
+            stem = name[:-len(".json")] if name.endswith(".json") else ""
+            if stem.isdigit() and int(stem) not in steps:
+                os.remove(os.path.join(folder, name))
+
+    def _check_files(self, step: int) -> None:
+        """Raises ValueError naming a file of checkpoint ``step`` that is missing or changed
+        since it was saved. Without a readable manifest (older checkpoints, a damaged
+        manifest) there is nothing to check here; orbax's read and the digest still are."""
+        try:
+            with open(self._manifest(step)) as f:
+                expected = json.load(f)
+        except (OSError, ValueError):
+            return
+        actual = file_digests(os.path.join(self.directory, str(step)))
+        for path, digest in sorted(expected.items()):
+            if path not in actual:
+                raise ValueError(f"file {path} of the checkpoint is missing")
+            if actual[path] != digest:
+                raise ValueError(f"file {path} changed after the checkpoint was saved")
 
     def restore(self, template: TrainState, step: Optional[int] = None) -> Optional[Restored]:
         """Restores the newest good checkpoint (or exactly ``step``) into ``template``'s structure.
@@ -210,6 +271,7 @@ class Checkpointer:
     def _restore_step(self, template: TrainState, step: int) -> Restored:
         import orbax.checkpoint as ocp
 
+        self._check_files(step)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_to_tree(template))
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
@@ -229,6 +291,7 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         try:
+            self._check_files(step)
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
             expected = restored["meta"].get("digest")
@@ -247,12 +310,15 @@ class Checkpointer:
                     n += 1
                     dst = os.path.join(self.directory, f"corrupt-{step}.{n}")
                 os.replace(src, dst)
+            if os.path.exists(self._manifest(step)):
+                os.remove(self._manifest(step))
         self._manager.close()
         self._manager = self._new_manager()
 
     def close(self) -> None:
         """Waits for pending saves and releases orbax's resources."""
         self._manager.wait_until_finished()
+        self._record_files()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
