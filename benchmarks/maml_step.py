@@ -9,7 +9,9 @@ Configurations (the same as ``../shared/bench`` runs with learn2learn and torch.
 
 Inner SGD learning rate 0.4, Adam(1e-3) outer optimizer, random data shaped like Omniglot
 (``(T, N, 28, 28, 1)``), learn2learn's OmniglotCNN init. One meta-step is one call of the
-jitted ``mj.make_train_step`` (meta-gradient over the batch + Adam update).
+jitted ``mj.make_train_step`` (meta-gradient over the batch + Adam update). By default the
+CPU is split into one JAX device per core (``mj.configure_cpu_devices``) and ``task_map="auto"``
+shards the tasks over them; ``--cpu-devices 1`` is the one-device step.
 
 Each configuration runs in a fresh subprocess so its peak RSS is its own, and then once more
 in another one that loads the step from the persistent compilation cache the first wrote, as
@@ -28,6 +30,7 @@ Usage:
   python benchmarks/maml_step.py --configs a --json  # one JSON object per config
   python benchmarks/maml_step.py --conv-impl patches --task-map map
   python benchmarks/maml_step.py --low-memory-compile  # mj.low_memory_compile_options()
+  python benchmarks/maml_step.py --cpu-devices 1       # one CPU device: every op on all cores
   python benchmarks/maml_step.py --configs a --child '{"config": "a", ...}'  # internal
 """
 
@@ -129,6 +132,9 @@ def run_child(spec: dict) -> dict:
     import jax.numpy as jnp
     from metajax.models import layers
     from metajax.models.layers import resolve_conv_impl
+    import metajax as mj
+    cpu_devices = spec.get("cpu_devices", "auto")  # before anything runs on JAX's backend
+    mj.configure_cpu_devices(None if cpu_devices == "auto" else int(cpu_devices))
     name = spec["config"]
     cfg = CONFIGS[name]
     if spec.get("cache_dir"):
@@ -136,7 +142,6 @@ def run_child(spec: dict) -> dict:
         enable_compilation_cache(spec["cache_dir"], min_compile_time_s=0.0)
     rss_imports = _peak_rss_mb()
     task_map = parse_task_map(spec["task_map"])
-    import metajax as mj
     options = mj.low_memory_compile_options() if spec.get("low_memory_compile") else None
     step, state = build_step(cfg, spec["conv_impl"], task_map, spec.get("remat", "auto"),
                              spec.get("unroll", 1), compiler_options=options)
@@ -177,7 +182,8 @@ def run_child(spec: dict) -> dict:
         # whether the fused block ran its im2col/col2im as the native C++ custom calls
         "native_patches": (resolve_conv_impl(spec["conv_impl"]) == "fused"
                            and layers.native_kernels_active(jnp.float32)),
-        "task_map": task_map,
+        "task_map": task_map if isinstance(task_map, (str, int)) else str(task_map),
+        "cpu_devices": len(jax.devices("cpu")),
         "remat": resolve_remat(spec.get("remat", "auto"), steps=cfg["inner_steps"],
                                first_order=cfg["first_order"]),
         "unroll": resolve_unroll(spec.get("unroll", 1), steps=cfg["inner_steps"]),
@@ -223,8 +229,12 @@ def main(argv=None):
     parser.add_argument("--configs", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     parser.add_argument("--conv-impl", default="auto", choices=["auto", "fused", "patches", "lax"])
     parser.add_argument("--task-map", default="auto",
-                        help="vmap, map, accumulate, an int chunk size, or auto (accumulate on CPU, "
-                        "vmap elsewhere)")
+                        help="vmap, map, accumulate, an int chunk size, sharded[:STRATEGY[:N]], or "
+                        "auto (accumulate on CPU, sharded over the CPU devices when there are "
+                        "several; vmap elsewhere)")
+    parser.add_argument("--cpu-devices", default="auto",
+                        help="JAX CPU devices (mj.configure_cpu_devices): auto = one per core, "
+                        "or a count (1: all cores share every op)")
     parser.add_argument("--remat", default="auto", choices=["auto", "none", "full", "dots"],
                         help="what the second-order pass keeps of each inner step (InnerLoop.remat)")
     parser.add_argument("--unroll", default="1",
@@ -256,6 +266,7 @@ def main(argv=None):
     from metajax.training.config import parse_unroll
     for name in args.configs.split(","):
         spec = dict(config=name, conv_impl=args.conv_impl, task_map=args.task_map,
+                    cpu_devices=args.cpu_devices,
                     remat=args.remat, steps=args.steps, warmup=args.warmup,
                     unroll=parse_unroll(args.unroll),
                     peak=not args.no_peak, low_memory_compile=args.low_memory_compile)
@@ -279,7 +290,7 @@ def main(argv=None):
             print(f"({name}) {c['ways']}-way {c['shots']}-shot {c['query']}q k={c['inner_steps']} "
                   f"T={c['meta_batch']} {'1st' if c['first_order'] else '2nd'} order "
                   f"[{res['conv_impl']}{' + native im2col' if res['native_patches'] else ''}, "
-                  f"{res['task_map']}, remat {res['remat']}, unroll {res['unroll']}"
+                  f"{res['task_map']}, {res['cpu_devices']} CPU device(s), remat {res['remat']}, unroll {res['unroll']}"
                   f"{', low-memory compile' if res['compiler_options'] else ''}]: "
                   f"{res['tasks_per_s']:.1f} tasks/s, {res['seconds_per_step']:.3f} s/step "
                   f"(min {res['seconds_min']:.3f}), compile {res['compile_s']:.1f} s, "

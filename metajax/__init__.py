@@ -12,7 +12,8 @@ from metajax.core.masks import last_module_mask, mask_by_path
 from metajax.core import (Adaptation, InnerLoop, Task, TaskBatch, TaskBatchError, accuracy, adapt,
                           adapted_task_loss, cross_entropy, evaluate_adaptation, map_over_tasks,
                           masked_mean, meta_batch_loss, mse, task_at, task_loss_and_metrics,
-                          validate_task_batch)
+                          ShardedTasks, validate_task_batch)
+from metajax.training.sharding import configure_cpu_devices
 from metajax.training import (TrainState, create_train_state, enable_compilation_cache,
                               low_memory_compile_options, make_eval_step, make_train_loop,
                               make_train_step, mean_and_ci95, meta_update)

@@ -1,9 +1,11 @@
-"""The task axis sharded over devices gives the one-device result (4 fake CPU devices; 2 hosts).
+"""The task axis sharded over devices gives the one-device result (4 fake CPU devices; 2 hosts;
+ShardedTasks over 2 CPU devices from configure_cpu_devices).
 
 Each test runs a subprocess (the device count is fixed when JAX starts). Run as a script,
 this file is that worker:
   python tests/test_sharding.py local OUT_NPZ
   python tests/test_sharding.py host OUT_NPZ PORT PROCESS_ID
+  python tests/test_sharding.py tasks OUT_NPZ
 """
 
 from __future__ import annotations
@@ -69,8 +71,62 @@ def run_variants(mesh, process_local_tasks=None,
     return out
 
 
+def sharded_tasks_worker(out: str) -> None:
+    """Second-order Conv4 MAML (fused blocks, batch norm) on 2 CPU devices: meta-gradients,
+    per-task evaluation and a train step with ShardedTasks against the one-device maps."""
+    import metajax as mj
+    assert mj.configure_cpu_devices(2) == 2  # before any JAX computation
+    import jax
+    import optax
+    from metajax.core.task_map import ShardedTasks, resolve_task_map
+    from metajax.models.conv4 import init_omniglot_conv4
+
+    assert len(jax.devices("cpu")) == 2
+    assert resolve_task_map("auto") == ShardedTasks("accumulate")
+    assert mj.configure_cpu_devices() == 2  # JAX is running now: its count is kept
+    apply_fn, params = init_omniglot_conv4(jax.random.key(0), ways=3, conv_impl="fused")
+    rng = np.random.default_rng(0)
+    tasks, ways = 4, 3
+    batch = mj.TaskBatch(
+        support_inputs=jnp_array(rng.random((tasks, ways, 28, 28, 1), np.float32)),
+        support_targets=jnp_array(np.tile(np.arange(ways), (tasks, 1))),
+        query_inputs=jnp_array(rng.random((tasks, 2 * ways, 28, 28, 1), np.float32)),
+        query_targets=jnp_array(np.tile(np.arange(ways), (tasks, 2))))
+    results = {}
+    for name, task_map in [("vmap", "vmap"), ("accumulate", "accumulate"),
+                           ("sharded", ShardedTasks("accumulate")),
+                           ("sharded_map", ShardedTasks("map", devices=2))]:
+        maml = mj.MAML(apply_fn, mj.cross_entropy, inner=mj.InnerLoop(2, 0.4),
+                       metric_fns={"accuracy": mj.accuracy}, task_map=task_map)
+        meta_params = maml.init(params)
+        (loss, metrics), grads = jax.jit(jax.value_and_grad(maml.meta_loss, has_aux=True))(
+            meta_params, batch, jax.random.key(1))
+        evaluation = jax.jit(maml.evaluate)(meta_params, batch)
+        optimizer = optax.sgd(0.1)  # (Adam's first steps would magnify rounding differences)
+        state = mj.create_train_state(meta_params, optimizer, jax.random.key(2))
+        state, _ = mj.make_train_step(maml.meta_loss, optimizer)(state, batch)
+        results[name] = [loss, metrics["query_accuracy"], evaluation["loss"],
+                         *jax.tree_util.tree_leaves(grads),
+                         *jax.tree_util.tree_leaves(state.params)]
+    try:
+        mj.MAML(apply_fn, mj.cross_entropy, task_map=ShardedTasks()).meta_loss(
+            maml.init(params), jax.tree_util.tree_map(lambda x: x[:3], batch), jax.random.key(1))
+        raise AssertionError("3 tasks over 2 devices did not raise")
+    except ValueError as e:
+        assert "multiple of 2" in str(e), e
+    np.savez(out, **{f"{k}_{i}": np.asarray(v) for k, vs in results.items()
+                     for i, v in enumerate(vs)})
+
+
+def jnp_array(x):
+    import jax.numpy as jnp
+    return jnp.asarray(x)
+
+
 def worker(argv: list[str]) -> None:
     mode, out = argv[0], argv[1]
+    if mode == "tasks":
+        return sharded_tasks_worker(out)
     if mode == "host":
         port, process_id = argv[2], int(argv[3])
         from metajax.training import sharding
@@ -95,8 +151,12 @@ def worker(argv: list[str]) -> None:
 
 
 def _env(devices: int) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    else:  # the worker sets its own count
+        env.pop("XLA_FLAGS", None)
+        env.pop("JAX_NUM_CPU_DEVICES", None)
     return env
 
 
@@ -151,6 +211,48 @@ def test_two_hosts_agree(tmp_path):
         np.testing.assert_array_equal(hosts[0][key], hosts[1][key], err_msg=key)  # hosts agree
     _assert_sharded_matches_one_device(
         {**hosts[0], **{f"{k}_{i}": v for k, leaves in one_device.items() for i, v in enumerate(leaves)}})
+
+
+def test_sharded_tasks_on_two_cpu_devices_match_one_device(tmp_path):
+    _wait(_run(["tasks", str(tmp_path / "tasks.npz")], devices=0))
+    v = _variants(tmp_path / "tasks.npz")
+    keys = sorted(k for k in v if k.startswith("vmap_"))
+    assert len(keys) > 10
+    for key in keys:
+        for other in ("accumulate", "sharded", "sharded_map"):
+            # float32 second-order gradients: differences of 1e-5 of the leaf's scale
+            np.testing.assert_allclose(v[key.replace("vmap", other, 1)], v[key], rtol=2e-4,
+                                       atol=1e-5 * np.abs(v[key]).max(),
+                                       err_msg=f"{other} vs vmap, {key}")
+    assert np.abs(v["vmap_3"]).max() > 1e-4  # a real gradient, not zeros
+
+
+def test_task_map_flags_and_cpu_device_errors():
+    import jax
+
+    import metajax as mj
+    from metajax.core.task_map import ShardedTasks, resolve_task_map
+
+    assert resolve_task_map("sharded") == ShardedTasks("accumulate", 0)
+    assert resolve_task_map("sharded:vmap") == ShardedTasks("vmap", 0)
+    assert resolve_task_map("sharded:8:2") == ShardedTasks(8, 2)
+    assert resolve_task_map(str(ShardedTasks("map", 2))) == ShardedTasks("map", 2)
+    assert resolve_task_map("auto", backend="gpu") == "vmap"
+    for bad in ("sharded:", "sharded:foo", "sharded:map:x", "sharded:map:2:3", "shard"):
+        with pytest.raises(ValueError, match="sharded\\[:STRATEGY"):
+            resolve_task_map(bad)
+    with pytest.raises(ValueError, match="strategy must be"):
+        ShardedTasks("sharded")
+    with pytest.raises(ValueError, match="devices must be"):
+        ShardedTasks("map", devices=-1)
+    with pytest.raises(ValueError, match="only 1 exist"):
+        ShardedTasks(devices=2).mesh()
+    jax.devices()  # this process runs one CPU device
+    assert mj.configure_cpu_devices() == 1 and mj.configure_cpu_devices(1) == 1
+    with pytest.raises(RuntimeError, match="already running with 1 device"):
+        mj.configure_cpu_devices(2)
+    with pytest.raises(ValueError, match="positive int"):
+        mj.configure_cpu_devices(0)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ tasks on its own devices from the replicated key, so no data crosses hosts.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -43,6 +44,74 @@ from metajax.training.train_state import TrainState
 
 PyTree = Any
 TASK_AXIS = "tasks"
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _device_count_from_environment() -> Optional[int]:
+    """A CPU device count set outside Python: ``JAX_NUM_CPU_DEVICES`` or ``XLA_FLAGS``'s
+    ``--xla_force_host_platform_device_count``."""
+    if jax.config.jax_num_cpu_devices > 0:
+        return int(jax.config.jax_num_cpu_devices)
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        if flag.startswith("--xla_force_host_platform_device_count="):
+            return int(flag.split("=", 1)[1])
+    return None
+
+
+def configure_cpu_devices(count: Optional[int] = None) -> int:
+    """Splits the CPU into ``count`` JAX devices; call before JAX's first computation.
+
+    With several CPU devices, ``task_map="auto"`` (:func:`metajax.core.resolve_task_map`)
+    shards each meta-batch's tasks over them (:class:`metajax.core.ShardedTasks`): every
+    core then works through its own tasks instead of all cores sharing, and waiting on each
+    other at, every small op (README "One JAX device per core": Conv4 MAML 1.2-1.5x faster on
+    2 cores). The devices share the machine's memory; arrays not sharded stay on device 0.
+
+    Args:
+      count: devices to create; ``None``: one per available core, unless a count was
+        already set in the environment (``JAX_NUM_CPU_DEVICES`` or
+        ``XLA_FLAGS=--xla_force_host_platform_device_count=N``) or JAX is already running,
+        whose count is then kept.
+
+    Returns:
+      The number of CPU devices JAX will have.
+
+    Raises:
+      ValueError: ``count`` is not a positive int.
+      RuntimeError: an explicit ``count`` while JAX's backends already run with another.
+
+    Example (a fresh process)::
+
+        import metajax as mj
+        mj.configure_cpu_devices()        # e.g. 2 on a 2-core machine
+        # ... build and run train steps as usual
+    """
+    from jax._src import xla_bridge  # no public "are the backends up?" query
+
+    if count is None:
+        if xla_bridge.backends_are_initialized():
+            return len(jax.devices("cpu"))
+        count = _device_count_from_environment() or available_cores()
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"configure_cpu_devices needs a positive int count, got {count!r}.")
+    if xla_bridge.backends_are_initialized():
+        current = len(jax.devices("cpu"))
+        if current != count:
+            raise RuntimeError(
+                f"JAX's CPU backend is already running with {current} device(s), so it cannot "
+                f"be split into {count}: call metajax.configure_cpu_devices({count}) before "
+                "any JAX computation (right after the imports), or set "
+                f"JAX_NUM_CPU_DEVICES={count} in the environment.")
+        return count
+    jax.config.update("jax_num_cpu_devices", count)
+    return count
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None,
