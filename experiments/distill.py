@@ -34,8 +34,9 @@ from metajax.core.tasks import TaskBatch, as_tasks
 from metajax.training.config import field, parse_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from omniglot import (OmniglotConfig, build_algorithm, meta_lr_schedule,  # noqa: E402
-                      params_from_run, prepare_run, resolve, test, train, write_run)
+from omniglot import (OmniglotConfig, build_algorithm, configure_devices,  # noqa: E402
+                      meta_lr_schedule, params_from_run, prepare_run, resolve, test, train,
+                      write_run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +88,9 @@ def count_params(tree) -> int:
 
 
 def main(argv=None) -> dict:
-    config = resolve(parse_config(DistillConfig, argv))
+    config = parse_config(DistillConfig, argv)
+    configure_devices(config)  # first: resolve() may start JAX
+    config = resolve(config)
     if not config.teacher:
         raise ValueError("--teacher is required: the run directory of a trained protonet or "
                          "matchingnet (experiments/omniglot.py --out DIR).")

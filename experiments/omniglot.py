@@ -30,6 +30,7 @@ from metajax.core.task_map import resolve_task_map
 from metajax.data import EpisodeSampler, load_omniglot, normalize_images, omniglot_split
 from metajax.models.conv4 import init_omniglot_conv4
 from metajax.training.checkpoint import Checkpointer
+from metajax.training import sharding
 from metajax.training.compile_cache import configure_compilation_cache
 from metajax.training.config import (field, parse_config, parse_unroll, save_config,
                                      write_json_atomic)
@@ -113,8 +114,14 @@ class OmniglotConfig:
                            "accelerators), fused, patches or lax",
                            choices=("auto", "fused", "patches", "lax"))
     task_map: str = field("auto", "tasks in a meta-batch: vmap, map, accumulate (map with each "
-                          "task's gradient taken inside the loop), a chunk size, or auto "
-                          "(accumulate on CPU, vmap on accelerators)")
+                          "task's gradient taken inside the loop), a chunk size, "
+                          "sharded[:STRATEGY[:N]] (tasks split over N devices), or auto "
+                          "(accumulate on CPU, sharded over the CPU devices when there are "
+                          "several and they divide --meta-batch and --eval-batch; vmap on "
+                          "accelerators)")
+    cpu_devices: str = field("auto", "JAX CPU devices (metajax.configure_cpu_devices): auto "
+                             "(one per core, unless JAX already runs in this process) or a "
+                             "count; 1: every op on all cores")
     remat: str = field("auto", "what second-order MAML keeps of each inner step: none (all "
                        "intermediates), full (nothing: flat memory in the number of steps), "
                        "dots (matmul outputs except input-gradient products, plus named "
@@ -211,7 +218,7 @@ def build_algorithm(config: OmniglotConfig, key, num_train_classes: int):
                          remat=config.remat, unroll=parse_unroll(config.unroll))
     algorithm = make_algorithm(config.algo, apply_fn, mj.cross_entropy, params, inner,
                                metric_fns={"accuracy": mj.accuracy},
-                               task_map=resolve_task_map(config.task_map),
+                               task_map=task_map_for(config),
                                full_context=config.full_context, num_classes=num_train_classes,
                                scale=config.attention_scale, per_step_bn=config.per_step_bn,
                                embed_jointly=config.embed_jointly,
@@ -276,6 +283,14 @@ def params_from_run(run_dir: str, template) -> dict:
     return restored.state.params
 
 
+def on_task_devices(state, task_map):
+    """``state`` replicated over the devices a ShardedTasks map runs on: arrays restored from
+    a checkpoint sit on device 0, which a step spanning several devices does not accept."""
+    if isinstance(task_map, mj.ShardedTasks):
+        return sharding.replicate(state, task_map.mesh())
+    return state
+
+
 def train(config, algorithm, meta_params, samplers):
     from tqdm.auto import tqdm
 
@@ -293,6 +308,7 @@ def train(config, algorithm, meta_params, samplers):
         if restored is not None:
             state, start = restored.state, restored.step
             print(f"resuming from iteration {start}", flush=True)
+    state = on_task_devices(state, getattr(algorithm, "task_map", None))
     options = compiler_options(config)
     step = mj.make_train_step(algorithm.meta_loss, optimizer, compiler_options=options)
     def validate(params, batch):  # jitted by evaluate_many, with the run's compiler options
@@ -386,6 +402,28 @@ def plot_curve(curve: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def configure_devices(config) -> int:
+    """``--cpu-devices``: how many JAX devices the CPU is split into (before JAX runs)."""
+    if config.cpu_devices == "auto":
+        return mj.configure_cpu_devices()
+    if not config.cpu_devices.isdigit() or int(config.cpu_devices) < 1:
+        raise ValueError(f"--cpu-devices must be auto or a positive count, got "
+                         f"{config.cpu_devices!r}.")
+    return mj.configure_cpu_devices(int(config.cpu_devices))
+
+
+def task_map_for(config):
+    """``--task-map``, resolved; ``auto`` shards over as many CPU devices as divide both the
+    training and the evaluation meta-batch (unsharded if none does)."""
+    task_map = resolve_task_map(config.task_map)
+    if config.task_map == "auto" and isinstance(task_map, mj.ShardedTasks):
+        devices = max(d for d in range(1, len(jax.local_devices()) + 1)
+                      if config.meta_batch % d == 0 and config.eval_batch % d == 0)
+        task_map = task_map.strategy if devices == 1 else dataclasses.replace(task_map,
+                                                                              devices=devices)
+    return task_map
+
+
 def prepare_run(config) -> tuple[dict, float]:
     """Checks the evaluation sizes, writes the config into the run directory, turns on the
     compilation cache, loads Omniglot (cached after the first load) and builds the samplers;
@@ -402,7 +440,9 @@ def prepare_run(config) -> tuple[dict, float]:
 
 
 def main(argv=None) -> dict:
-    config = resolve(parse_config(OmniglotConfig, argv))
+    config = parse_config(OmniglotConfig, argv)
+    configure_devices(config)  # first: resolve() may start JAX
+    config = resolve(config)
     samplers, load_s = prepare_run(config)
     algorithm, meta_params = build_algorithm(config, jax.random.key(config.seed),
                                              samplers["train"].dataset.num_classes)

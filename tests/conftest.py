@@ -20,6 +20,12 @@ if os.environ.get("METAJAX_TEST_XLA_OPT", "0") != "default":
         os.environ["XLA_FLAGS"] = f"{_flags} --xla_backend_optimization_level=0".strip()
 
 
+# One CPU device per test process, as the tests' expected values assume, also where an
+# experiment's "--cpu-devices auto" runs in-process before anything else started JAX. Tests
+# of several devices run subprocesses that set their own count (tests/test_sharding.py).
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")
+
+
 def shared_data_root() -> Path:
     """``$METAJAX_DATA`` if set, else ``<repo>/../shared/data``."""
     return Path(os.environ.get("METAJAX_DATA") or REPO.parent / "shared" / "data")

@@ -67,6 +67,29 @@ def test_omniglot_experiment_trains_checkpoints_and_resumes(tmp_path, omniglot_r
     assert on_disk["experiment"] == "omniglot" and (out / "learning_curve.png").exists()
 
 
+def test_omniglot_on_two_cpu_devices_shards_tasks_and_resumes(tmp_path, omniglot_root,
+                                                             omniglot_cache_dir):
+    """--cpu-devices 2 (a fresh process): task_map auto shards the tasks over both devices,
+    and a run resumed from its checkpoint (arrays restored onto device 0) goes on."""
+    import subprocess
+    out = tmp_path / "omni2"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    common = [sys.executable, os.path.join(ROOT, "experiments", "omniglot.py"), "--algo", "fomaml",
+              "--ways", "5", "--shots", "1", "--query", "2", "--meta-batch", "4",
+              "--eval-tasks", "20", "--eval-batch", "10", "--val-tasks", "10",
+              "--eval-every", "2", "--checkpoint-every", "2", "--split", "lake",
+              "--data-dir", str(omniglot_root), "--cache-dir", str(omniglot_cache_dir),
+              "--out", str(out), "--no-progress", "--no-tensorboard", "--cpu-devices", "2"]
+    for extra in (["--iterations", "2"], ["--iterations", "4", "--resume"]):
+        proc = subprocess.run(common + extra, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["training"]["resumed_from"] == 2
+    assert metrics["training"]["iterations_done"] == 4
+    assert metrics["config"]["cpu_devices"] == "2"
+    assert "resuming from iteration 2" in proc.stdout
+
+
 SMALL_RUN = ["--shots", "1", "--query", "2", "--meta-batch", "2", "--eval-tasks", "20",
              "--eval-batch", "10", "--val-tasks", "10", "--eval-every", "2"]
 

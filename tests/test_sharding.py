@@ -152,11 +152,11 @@ def worker(argv: list[str]) -> None:
 
 def _env(devices: int) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("JAX_NUM_CPU_DEVICES", None)  # (conftest's one device; it would win over XLA_FLAGS)
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     else:  # the worker sets its own count
         env.pop("XLA_FLAGS", None)
-        env.pop("JAX_NUM_CPU_DEVICES", None)
     return env
 
 
