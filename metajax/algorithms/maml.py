@@ -72,7 +72,9 @@ class MAML:
       metric_fns: per-example metrics reported on the query set, e.g. ``{"accuracy": mj.accuracy}``.
       task_map: how tasks are batched: ``"vmap"``, ``"map"``, ``"accumulate"`` (``"map"`` with
         each task's meta-gradient computed inside the loop: memory of one task, the fastest
-        on CPU; see :func:`metajax.core.task_map.mean_loss_over_tasks`) or an int chunk size.
+        on CPU; see :func:`metajax.core.task_map.mean_loss_over_tasks`), an int chunk size,
+        or a :class:`metajax.ShardedTasks` (tasks split over devices, e.g. one JAX CPU device
+        per core from :func:`metajax.configure_cpu_devices`).
       adapt_mask: optional pytree of bools over the model params; ``False`` leaves are
         not adapted in the inner loop (ANIL adapts only the head).
       learn_inner_rates: ``None`` (fixed step size ``inner.learning_rate``), or learned inner

@@ -70,9 +70,11 @@ def configure_cpu_devices(count: Optional[int] = None) -> int:
 
     With several CPU devices, ``task_map="auto"`` (:func:`metajax.core.resolve_task_map`)
     shards each meta-batch's tasks over them (:class:`metajax.core.ShardedTasks`): every
-    core then works through its own tasks instead of all cores sharing, and waiting on each
-    other at, every small op (README "One JAX device per core": Conv4 MAML 1.2-1.5x faster on
-    2 cores). The devices share the machine's memory; arrays not sharded stay on device 0.
+    core then works through its own tasks, where with one device all cores split every
+    small op and wait for each other at each one (README "One JAX device per core": Conv4
+    MAML 1.2-1.4x faster on 2 cores). The devices share the machine's memory; arrays not
+    sharded stay on device 0, and a step over several devices needs its state on all of
+    them (:func:`replicate`; a restored checkpoint sits on device 0).
 
     Args:
       count: devices to create; ``None``: one per available core, unless a count was
