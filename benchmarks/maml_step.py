@@ -94,6 +94,17 @@ def make_batch(cfg: dict, seed: int):
         query_targets=jnp.asarray(np.tile(np.arange(w), (t, cfg["query"]))))
 
 
+def place_batch(batch, task_map):
+    """``batch`` laid out where the step reads it: split over the task devices for a
+    ``ShardedTasks`` map (as a training input pipeline would), else unchanged. Without this
+    every call would first copy the batch from device 0 to the task devices."""
+    import metajax as mj
+    from metajax.training import sharding
+    if isinstance(task_map, mj.ShardedTasks):
+        return sharding.shard_tasks(batch, task_map.mesh())
+    return batch
+
+
 def parse_task_map(value: str):
     """``"auto"`` is ``"accumulate"`` on CPU (fastest in benchmarks/conv_paths.py), ``"vmap"`` elsewhere."""
     from metajax.core.task_map import resolve_task_map
@@ -145,7 +156,7 @@ def run_child(spec: dict) -> dict:
     options = mj.low_memory_compile_options() if spec.get("low_memory_compile") else None
     step, state = build_step(cfg, spec["conv_impl"], task_map, spec.get("remat", "auto"),
                              spec.get("unroll", 1), compiler_options=options)
-    batches = [make_batch(cfg, seed) for seed in range(4)]
+    batches = [place_batch(make_batch(cfg, seed), task_map) for seed in range(4)]
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
