@@ -30,6 +30,7 @@ Usage:
   python benchmarks/maml_step.py --configs a --json  # one JSON object per config
   python benchmarks/maml_step.py --conv-impl patches --task-map map
   python benchmarks/maml_step.py --low-memory-compile  # mj.low_memory_compile_options()
+  python benchmarks/maml_step.py --low-memory-compile --malloc-arenas 1  # + one malloc arena
   python benchmarks/maml_step.py --cpu-devices 1       # one CPU device: every op on all cores
   python benchmarks/maml_step.py --configs a --child '{"config": "a", ...}'  # internal
 """
@@ -137,6 +138,9 @@ def _flops(cost) -> float:
 
 def run_child(spec: dict) -> dict:
     """Benchmarks one configuration in this process and returns the result dict."""
+    if spec.get("malloc_arenas"):  # before JAX starts its thread pools
+        from metajax.training.allocator import limit_malloc_arenas
+        limit_malloc_arenas(spec["malloc_arenas"])
     import jax
     import numpy as np
     from metajax.core.inner_loop import resolve_remat, resolve_unroll
@@ -199,6 +203,7 @@ def run_child(spec: dict) -> dict:
                                first_order=cfg["first_order"]),
         "unroll": resolve_unroll(spec.get("unroll", 1), steps=cfg["inner_steps"]),
         "compiler_options": options or {},
+        "malloc_arenas": spec.get("malloc_arenas", 0),
         "tasks_per_s": cfg["meta_batch"] / sec,
         "seconds_per_step": sec,
         "seconds_min": float(np.min(times)),
@@ -253,6 +258,9 @@ def main(argv=None):
     parser.add_argument("--low-memory-compile", action="store_true",
                         help="compile with mj.low_memory_compile_options() (lower compile-time "
                         "peak memory, slower element-wise kernels)")
+    parser.add_argument("--malloc-arenas", type=int, default=0,
+                        help="cap glibc's malloc arenas (mj.limit_malloc_arenas; 0: glibc's "
+                        "default): 1 lowers the peak RSS")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0,
@@ -264,6 +272,9 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="one JSON object per config")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.malloc_arenas < 0:
+        parser.error(f"--malloc-arenas must be 0 (glibc's default) or a positive count, got "
+                     f"{args.malloc_arenas}")
 
     if args.child:
         print("RESULT_JSON " + json.dumps(run_child(json.loads(args.child))), flush=True)
@@ -280,7 +291,8 @@ def main(argv=None):
                     cpu_devices=args.cpu_devices,
                     remat=args.remat, steps=args.steps, warmup=args.warmup,
                     unroll=parse_unroll(args.unroll),
-                    peak=not args.no_peak, low_memory_compile=args.low_memory_compile)
+                    peak=not args.no_peak, low_memory_compile=args.low_memory_compile,
+                    malloc_arenas=args.malloc_arenas)
         if args.no_warm_cache:
             res = _run_child_process(spec, env)
         else:

@@ -225,3 +225,9 @@ def test_experiment_help_renders(name, capsys):
         _load(name).main(["--help"])
     assert exit_info.value.code == 0
     assert "--seed" in capsys.readouterr().out
+
+
+def test_omniglot_rejects_a_negative_malloc_arena_count(tmp_path):
+    omniglot = _load("omniglot")
+    with pytest.raises(ValueError, match="--malloc-arenas must be 0"):
+        omniglot.main(["--malloc-arenas", "-1", "--out", str(tmp_path / "x")])
