@@ -31,6 +31,7 @@ Usage:
   python benchmarks/maml_step.py --conv-impl patches --task-map map
   python benchmarks/maml_step.py --low-memory-compile  # mj.low_memory_compile_options()
   python benchmarks/maml_step.py --low-memory-compile --malloc-arenas 1  # + one malloc arena
+  python benchmarks/maml_step.py --low-memory-compile --malloc-arenas 1 --malloc-mmap-threshold-mib 1
   python benchmarks/maml_step.py --cpu-devices 1       # one CPU device: every op on all cores
   python benchmarks/maml_step.py --configs a --child '{"config": "a", ...}'  # internal
 """
@@ -141,6 +142,9 @@ def run_child(spec: dict) -> dict:
     if spec.get("malloc_arenas"):  # before JAX starts its thread pools
         from metajax.training.allocator import limit_malloc_arenas
         limit_malloc_arenas(spec["malloc_arenas"])
+    if spec.get("malloc_mmap_threshold_mib"):
+        from metajax.training.allocator import fix_malloc_mmap_threshold
+        fix_malloc_mmap_threshold(spec["malloc_mmap_threshold_mib"] << 20)
     import jax
     import numpy as np
     from metajax.core.inner_loop import resolve_remat, resolve_unroll
@@ -204,6 +208,7 @@ def run_child(spec: dict) -> dict:
         "unroll": resolve_unroll(spec.get("unroll", 1), steps=cfg["inner_steps"]),
         "compiler_options": options or {},
         "malloc_arenas": spec.get("malloc_arenas", 0),
+        "malloc_mmap_threshold_mib": spec.get("malloc_mmap_threshold_mib", 0),
         "tasks_per_s": cfg["meta_batch"] / sec,
         "seconds_per_step": sec,
         "seconds_min": float(np.min(times)),
@@ -261,6 +266,9 @@ def main(argv=None):
     parser.add_argument("--malloc-arenas", type=int, default=0,
                         help="cap glibc's malloc arenas (mj.limit_malloc_arenas; 0: glibc's "
                         "default): 1 lowers the peak RSS")
+    parser.add_argument("--malloc-mmap-threshold-mib", type=int, default=0,
+                        help="fix glibc's mmap threshold at this many MiB, 1-32 "
+                        "(mj.fix_malloc_mmap_threshold; 0: glibc's dynamic default)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0,
@@ -275,6 +283,9 @@ def main(argv=None):
     if args.malloc_arenas < 0:
         parser.error(f"--malloc-arenas must be 0 (glibc's default) or a positive count, got "
                      f"{args.malloc_arenas}")
+    if not 0 <= args.malloc_mmap_threshold_mib <= 32:
+        parser.error(f"--malloc-mmap-threshold-mib must be 0 (glibc's default) or 1-32, got "
+                     f"{args.malloc_mmap_threshold_mib}")
 
     if args.child:
         print("RESULT_JSON " + json.dumps(run_child(json.loads(args.child))), flush=True)
@@ -292,7 +303,8 @@ def main(argv=None):
                     remat=args.remat, steps=args.steps, warmup=args.warmup,
                     unroll=parse_unroll(args.unroll),
                     peak=not args.no_peak, low_memory_compile=args.low_memory_compile,
-                    malloc_arenas=args.malloc_arenas)
+                    malloc_arenas=args.malloc_arenas,
+                    malloc_mmap_threshold_mib=args.malloc_mmap_threshold_mib)
         if args.no_warm_cache:
             res = _run_child_process(spec, env)
         else:

@@ -93,6 +93,9 @@ class OmniglotConfig:
                                      "200 MiB lower peak memory on CPU, a slightly slower step")
     malloc_arenas: int = field(0, "cap glibc's malloc arenas (mj.limit_malloc_arenas; 0: glibc's "
                                "default): 1 lowers the peak memory by 50-110 MiB on CPU")
+    malloc_mmap_threshold_mib: int = field(0, "fix glibc's mmap threshold at this many MiB, 1-32 "
+                                           "(mj.fix_malloc_mmap_threshold; 0: glibc's dynamic "
+                                           "default): the peak memory stops creeping up over steps")
     split: str = field("vinyals", "class split: vinyals (1028/172/423), lake (964/659) or maml",
                        choices=("vinyals", "lake", "maml"))
     train_subset: str = field("train", "vinyals: the classes meta-training samples from: train (1028) "
@@ -405,13 +408,18 @@ def plot_curve(curve: dict, path: str, title: str) -> None:
 
 
 def configure_devices(config) -> int:
-    """``--malloc-arenas`` and ``--cpu-devices`` (how many JAX devices the CPU is split into),
-    both before JAX runs."""
+    """``--malloc-arenas``, ``--malloc-mmap-threshold-mib`` and ``--cpu-devices`` (how many JAX
+    devices the CPU is split into), all before JAX runs."""
     if config.malloc_arenas < 0:
         raise ValueError(f"--malloc-arenas must be 0 (glibc's default) or a positive count, got "
                          f"{config.malloc_arenas}.")
+    if not 0 <= config.malloc_mmap_threshold_mib <= 32:
+        raise ValueError(f"--malloc-mmap-threshold-mib must be 0 (glibc's default) or 1-32, got "
+                         f"{config.malloc_mmap_threshold_mib}.")
     if config.malloc_arenas:
         mj.limit_malloc_arenas(config.malloc_arenas)
+    if config.malloc_mmap_threshold_mib:
+        mj.fix_malloc_mmap_threshold(config.malloc_mmap_threshold_mib << 20)
     if config.cpu_devices == "auto":
         return mj.configure_cpu_devices()
     if not config.cpu_devices.isdigit() or int(config.cpu_devices) < 1:

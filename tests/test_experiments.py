@@ -227,7 +227,9 @@ def test_experiment_help_renders(name, capsys):
     assert "--seed" in capsys.readouterr().out
 
 
-def test_omniglot_rejects_a_negative_malloc_arena_count(tmp_path):
+def test_omniglot_rejects_bad_malloc_settings(tmp_path):
     omniglot = _load("omniglot")
     with pytest.raises(ValueError, match="--malloc-arenas must be 0"):
         omniglot.main(["--malloc-arenas", "-1", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--malloc-mmap-threshold-mib must be 0"):
+        omniglot.main(["--malloc-mmap-threshold-mib", "64", "--out", str(tmp_path / "x")])
