@@ -1,5 +1,6 @@
 """metajax.limit_malloc_arenas and fix_malloc_mmap_threshold: the glibc settings take effect."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -9,6 +10,9 @@ import pytest
 import metajax as mj
 
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc arenas are Linux")
+
+# The children see no MALLOC_* settings from the environment, so their defaults are glibc's.
+_ENV = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
 
 # Four threads allocate at once (malloc'd bytearrays, above pymalloc's 512-byte limit), then
 # glibc's malloc_stats() prints one "Arena N:" block per arena to stderr.
@@ -31,7 +35,7 @@ _CHILD = textwrap.dedent("""
 
 def _arenas(mode: str) -> int:
     proc = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=_ENV)
     assert proc.returncode == 0, proc.stderr
     return sum(line.startswith("Arena ") for line in proc.stderr.splitlines())
 
@@ -75,7 +79,7 @@ _MMAP_CHILD = textwrap.dedent("""
 
 def _mmapped_after_reuse(mode: str) -> int:
     proc = subprocess.run([sys.executable, "-c", _MMAP_CHILD, mode], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=_ENV)
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.split()[-1])
 

@@ -18,6 +18,7 @@ import sys
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 
 
 def limit_malloc_arenas(count: int = 1) -> bool:
@@ -79,9 +80,6 @@ def fix_malloc_mmap_threshold(nbytes: int = 1 << 20) -> bool:
         raise ValueError(f"fix_malloc_mmap_threshold needs an int from 4096 to "
                          f"{_MMAP_THRESHOLD_MAX} bytes, got {nbytes!r}.")
     return _mallopt(_M_MMAP_THRESHOLD, nbytes)
-
-
-_MMAP_THRESHOLD_MAX = 32 << 20
 
 
 def _mallopt(param: int, value: int) -> bool:
