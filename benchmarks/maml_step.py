@@ -139,12 +139,9 @@ def _flops(cost) -> float:
 
 def run_child(spec: dict) -> dict:
     """Benchmarks one configuration in this process and returns the result dict."""
-    if spec.get("malloc_arenas"):  # before JAX starts its thread pools
-        from metajax.training.allocator import limit_malloc_arenas
-        limit_malloc_arenas(spec["malloc_arenas"])
-    if spec.get("malloc_mmap_threshold_mib"):
-        from metajax.training.allocator import fix_malloc_mmap_threshold
-        fix_malloc_mmap_threshold(spec["malloc_mmap_threshold_mib"] << 20)
+    from metajax.training.allocator import configure_malloc
+    configure_malloc(spec.get("malloc_arenas", 0),  # before JAX starts its thread pools
+                     spec.get("malloc_mmap_threshold_mib", 0))
     import jax
     import numpy as np
     from metajax.core.inner_loop import resolve_remat, resolve_unroll
@@ -280,12 +277,12 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="one JSON object per config")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.malloc_arenas < 0:
-        parser.error(f"--malloc-arenas must be 0 (glibc's default) or a positive count, got "
-                     f"{args.malloc_arenas}")
-    if not 0 <= args.malloc_mmap_threshold_mib <= 32:
-        parser.error(f"--malloc-mmap-threshold-mib must be 0 (glibc's default) or 1-32, got "
-                     f"{args.malloc_mmap_threshold_mib}")
+    if not args.child:  # check the malloc flags here, before any child starts
+        from metajax.training.allocator import configure_malloc
+        try:
+            configure_malloc(args.malloc_arenas, args.malloc_mmap_threshold_mib)
+        except ValueError as err:
+            parser.error(str(err))
 
     if args.child:
         print("RESULT_JSON " + json.dumps(run_child(json.loads(args.child))), flush=True)

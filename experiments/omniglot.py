@@ -410,16 +410,7 @@ def plot_curve(curve: dict, path: str, title: str) -> None:
 def configure_devices(config) -> int:
     """``--malloc-arenas``, ``--malloc-mmap-threshold-mib`` and ``--cpu-devices`` (how many JAX
     devices the CPU is split into), all before JAX runs."""
-    if config.malloc_arenas < 0:
-        raise ValueError(f"--malloc-arenas must be 0 (glibc's default) or a positive count, got "
-                         f"{config.malloc_arenas}.")
-    if not 0 <= config.malloc_mmap_threshold_mib <= 32:
-        raise ValueError(f"--malloc-mmap-threshold-mib must be 0 (glibc's default) or 1-32, got "
-                         f"{config.malloc_mmap_threshold_mib}.")
-    if config.malloc_arenas:
-        mj.limit_malloc_arenas(config.malloc_arenas)
-    if config.malloc_mmap_threshold_mib:
-        mj.fix_malloc_mmap_threshold(config.malloc_mmap_threshold_mib << 20)
+    mj.configure_malloc(config.malloc_arenas, config.malloc_mmap_threshold_mib)
     if config.cpu_devices == "auto":
         return mj.configure_cpu_devices()
     if not config.cpu_devices.isdigit() or int(config.cpu_devices) < 1:

@@ -14,7 +14,8 @@ from metajax.core import (Adaptation, InnerLoop, Task, TaskBatch, TaskBatchError
                           masked_mean, meta_batch_loss, mse, task_at, task_loss_and_metrics,
                           ShardedTasks, validate_task_batch)
 from metajax.training.sharding import configure_cpu_devices
-from metajax.training.allocator import fix_malloc_mmap_threshold, limit_malloc_arenas
+from metajax.training.allocator import (configure_malloc, fix_malloc_mmap_threshold,
+                                        limit_malloc_arenas)
 from metajax.training import (TrainState, create_train_state, enable_compilation_cache,
                               low_memory_compile_options, make_eval_step, make_train_loop,
                               make_train_step, mean_and_ci95, meta_update)

@@ -229,7 +229,7 @@ def test_experiment_help_renders(name, capsys):
 
 def test_omniglot_rejects_bad_malloc_settings(tmp_path):
     omniglot = _load("omniglot")
-    with pytest.raises(ValueError, match="--malloc-arenas must be 0"):
+    with pytest.raises(ValueError, match=r"\(--malloc-arenas\) must be 0"):
         omniglot.main(["--malloc-arenas", "-1", "--out", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="--malloc-mmap-threshold-mib must be 0"):
+    with pytest.raises(ValueError, match=r"\(--malloc-mmap-threshold-mib\) must be 0"):
         omniglot.main(["--malloc-mmap-threshold-mib", "64", "--out", str(tmp_path / "x")])

@@ -82,6 +82,34 @@ def fix_malloc_mmap_threshold(nbytes: int = 1 << 20) -> bool:
     return _mallopt(_M_MMAP_THRESHOLD, nbytes)
 
 
+def configure_malloc(arenas: int = 0, mmap_threshold_mib: int = 0) -> None:
+    """Both settings at once, 0 leaving either at glibc's default; checks both before either.
+
+    What ``--malloc-arenas`` and ``--malloc-mmap-threshold-mib`` of
+    ``benchmarks/maml_step.py`` and ``experiments/omniglot.py`` call, before JAX runs.
+
+    Raises:
+      ValueError: ``arenas`` is negative, or ``mmap_threshold_mib`` is outside 0-32.
+
+      >>> import metajax as mj
+      >>> mj.configure_malloc(mmap_threshold_mib=64)
+      Traceback (most recent call last):
+      ...
+      ValueError: malloc mmap threshold (--malloc-mmap-threshold-mib) must be 0 (glibc's default) or 1-32 MiB, got 64.
+    """
+    if not isinstance(arenas, int) or isinstance(arenas, bool) or arenas < 0:
+        raise ValueError(f"malloc arenas (--malloc-arenas) must be 0 (glibc's default) or a "
+                         f"positive count, got {arenas!r}.")
+    if (not isinstance(mmap_threshold_mib, int) or isinstance(mmap_threshold_mib, bool)
+            or not 0 <= mmap_threshold_mib <= _MMAP_THRESHOLD_MAX >> 20):
+        raise ValueError(f"malloc mmap threshold (--malloc-mmap-threshold-mib) must be 0 (glibc's "
+                         f"default) or 1-{_MMAP_THRESHOLD_MAX >> 20} MiB, got {mmap_threshold_mib!r}.")
+    if arenas:
+        limit_malloc_arenas(arenas)
+    if mmap_threshold_mib:
+        fix_malloc_mmap_threshold(mmap_threshold_mib << 20)
+
+
 def _mallopt(param: int, value: int) -> bool:
     """glibc's ``mallopt(param, value)``; False where the C library is not glibc."""
     if not sys.platform.startswith("linux"):
