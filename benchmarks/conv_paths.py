@@ -56,6 +56,9 @@ def main(argv=None):
         impl, tm, *opts = v.split(":")
         layers.FUSED_OPTIONS.update(defaults)
         for o in opts:
+            if o[:1] not in ("+", "-") or o[1:] not in defaults:
+                parser.error(f"bad option {o!r} in variant {v!r}: +NAME or -NAME with NAME "
+                             f"one of {sorted(defaults)}")
             layers.FUSED_OPTIONS[o[1:]] = o[0] == "+"
         step, state = build_step(cfg, impl, parse_task_map(tm))
         t0 = time.perf_counter()

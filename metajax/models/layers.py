@@ -82,11 +82,12 @@ CONV_IMPLS = ("lax", "patches", "fused", "auto")
 # "native_conv_vjp": under the same conditions the forward product P W and the input gradient
 # col2im(dz W^T) are native_patches.conv / conv_input_grad, whose kernel cotangents (what
 # second-order MAML takes of them) are conv_weight_grad too instead of XLA's autodiff GEMMs.
-# Off: interleaved A/B on a 2-core Zen 1 showed no difference beyond the host's noise
-# ((a) 0.96-1.04x, (c) 0.92x, (d) 0.94-1.01x; same XLA temp memory), see README.
+# On: interleaved A/B on a 2-core Zen 3 (a) 0.99-1.01x, (c) 1.05x, (d) 1.02-1.07x; on a
+# 2-core Zen 1 no difference beyond the host's noise ((a) 0.96-1.04x, (c) 0.92x,
+# (d) 0.94-1.01x); the same XLA temp memory, see README.
 FUSED_OPTIONS = {"phase_dx": "auto", "materialize": False, "phase_col2im": True,
                  "native_patches": True, "gram_bn": True, "native_weight_grad": True,
-                 "native_conv_vjp": False}
+                 "native_conv_vjp": True}
 # Below this many input channels a patch row is many short copies and XLA's product is faster.
 WEIGHT_GRAD_MIN_CHANNELS = 8
 
